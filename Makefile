@@ -1,0 +1,45 @@
+# Two commands matter: `make run` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	&& { command -v $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test install lint format bench models clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/edgeharvest serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests bench models
+	$(BIN)/ruff format --check service tests bench models
+	$(BIN)/mypy service
+
+format: $(STAMP)
+	$(BIN)/ruff format service tests bench models
+	$(BIN)/ruff check --fix service tests bench models
+
+# Benchmarks need wrk (Debian: apt-get install -y wrk).
+bench: $(STAMP)
+	$(BIN)/python bench/serving.py
+
+# Rebuild the committed default model (reproducible: same bytes every time).
+models: $(STAMP)
+	$(BIN)/python models/digits/build.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

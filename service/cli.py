@@ -1,0 +1,120 @@
+"""The `edgeharvest` command line. Each command builds what it needs from Settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.errors import ModelLoadError
+
+app = typer.Typer(
+    help="edgeharvest: serve an ONNX classifier, watch it, harvest its edge cases.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+manifest_app = typer.Typer(help="Create and check model manifests.", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
+    ] = None,
+) -> None:
+    """Start the HTTP service (Open Inference Protocol on /v2, simple JSON on /v1)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {"host": host, "port": port, "model_dir": model_dir}.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        application = create_app(settings)
+    except ModelLoadError as exc:
+        _fail(exc.message)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="uvloop",
+        http="httptools",
+        # Access logs per request cost more than the tiny models take to run.
+        access_log=False,
+    )
+
+
+@app.command()
+def check(
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
+    ] = None,
+) -> None:
+    """Load every model in the repository as `serve` would, and report what it serves."""
+    from service.app import session_config
+    from service.model_repository import ModelRepository
+    from service.settings import Settings
+
+    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    try:
+        repository = ModelRepository.from_directory(settings.model_dir, session_config(settings))
+    except ModelLoadError as exc:
+        _fail(exc.message)
+    for model in repository:
+        outputs = ", ".join(o.name for o in model.outputs)
+        typer.echo(
+            f"{model.name} v{model.version}: {len(model.class_names)} classes; outputs {outputs}"
+        )
+
+
+@manifest_app.command("propose")
+def manifest_propose(
+    onnx_file: Annotated[Path, typer.Argument(help="The .onnx file to inspect")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: file name)")] = None,
+    version: Annotated[str, typer.Option(help="Model version")] = "1",
+    write: Annotated[
+        bool, typer.Option("--write", help="Write manifest.json next to the model")
+    ] = False,
+) -> None:
+    """Inspect a graph and propose a manifest (roles, input, class names, sha256)."""
+    from service.manifest import MANIFEST_FILE
+    from service.manifest_proposal import propose_manifest
+
+    if not onnx_file.is_file():
+        _fail(f"{onnx_file} does not exist")
+    try:
+        manifest = propose_manifest(onnx_file, name=name, version=version)
+    except ModelLoadError as exc:
+        _fail(exc.message)
+    if write:
+        target = onnx_file.parent / MANIFEST_FILE
+        manifest.save(target)
+        typer.echo(f"wrote {target}; review the roles and class names", err=True)
+    else:
+        json.dump(manifest.model_dump(mode="json", exclude_none=True), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The model repository: every folder under the model directory that holds a manifest.
+
+Two layouts are accepted, so a repository can grow versions without moving files:
+`<model_dir>/<model>/manifest.json` and `<model_dir>/<model>/<version>/manifest.json`.
+The manifest, not the folder name, says what the model and version are called.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from service.errors import ModelLoadError, ModelNotFound
+from service.manifest import MANIFEST_FILE, Manifest
+from service.onnx_classifier import OnnxClassifier, SessionConfig
+
+
+def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
+    """Numeric versions sort numerically and above any non-numeric one."""
+    if re.fullmatch(r"\d+(\.\d+)*", version):
+        return (1, *(int(p) for p in version.split(".")))
+    return (0, version)
+
+
+class ModelRepository:
+    def __init__(self, models: list[OnnxClassifier]) -> None:
+        self._models: dict[str, dict[str, OnnxClassifier]] = {}
+        for model in models:
+            versions = self._models.setdefault(model.name, {})
+            if model.version in versions:
+                raise ModelLoadError(
+                    f"model '{model.name}' version '{model.version}' is defined twice: "
+                    f"in {versions[model.version].directory} and in {model.directory}"
+                )
+            versions[model.version] = model
+
+    @classmethod
+    def from_directory(cls, model_dir: Path, config: SessionConfig) -> ModelRepository:
+        if not model_dir.is_dir():
+            raise ModelLoadError(
+                f"model directory {model_dir} does not exist; set EDGEHARVEST_MODEL_DIR to a "
+                "folder holding one sub-folder per model with a manifest.json"
+            )
+        manifests = sorted(
+            {*model_dir.glob(f"*/{MANIFEST_FILE}"), *model_dir.glob(f"*/*/{MANIFEST_FILE}")}
+        )
+        if not manifests:
+            raise ModelLoadError(
+                f"no models found under {model_dir}: expected sub-folders with a "
+                f"{MANIFEST_FILE} (generate one with `edgeharvest manifest propose MODEL.onnx`)"
+            )
+        models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in manifests]
+        return cls(models)
+
+    def __iter__(self) -> Iterator[OnnxClassifier]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._versions_of(name), key=_version_key)
+
+    def get(self, name: str, version: str | None = None) -> OnnxClassifier:
+        versions = self._versions_of(name)
+        if version is None:
+            return versions[max(versions, key=_version_key)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise ModelNotFound(
+                f"model '{name}' has no version '{version}'; available versions: "
+                f"{sorted(versions, key=_version_key)}"
+            ) from None
+
+    def _versions_of(self, name: str) -> dict[str, OnnxClassifier]:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"unknown model '{name}'; this server serves {self.names}"
+            ) from None
