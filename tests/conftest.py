@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "models"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import MODELS_DIR, start_server
 
 
 @pytest.fixture(scope="session")
@@ -32,40 +17,6 @@ def digits_client() -> Iterator[TestClient]:
     app = create_app(Settings(model_dir=MODELS_DIR))
     with TestClient(app) as client:
         yield client
-
-
-def wait_until_ready(base_url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {base_url} not ready after {timeout}s")
-
-
-def start_server(model_dir: Path, extra_env: dict[str, str] | None = None) -> tuple[
-    subprocess.Popen[bytes], str
-]:
-    port = free_port()
-    env = {**os.environ, "EDGEHARVEST_MODEL_DIR": str(model_dir), "EDGEHARVEST_PORT": str(port),
-           **(extra_env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base_url, process)
-    except RuntimeError:
-        process.kill()
-        _, err = process.communicate()
-        raise RuntimeError(err.decode(errors="replace")) from None
-    return process, base_url
 
 
 @pytest.fixture(scope="session")

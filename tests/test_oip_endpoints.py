@@ -17,8 +17,7 @@ Y = DIGITS.target
 def infer_body(rows: np.ndarray, **extra: object) -> dict[str, object]:
     return {
         "inputs": [
-            {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32",
-             "data": rows.tolist()}
+            {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}
         ],
         **extra,
     }
@@ -68,9 +67,7 @@ def test_model_ready(digits_client: TestClient, path: str) -> None:
 # ---- inference -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "path", ["/v2/models/digits/infer", "/v2/models/digits/versions/1/infer"]
-)
+@pytest.mark.parametrize("path", ["/v2/models/digits/infer", "/v2/models/digits/versions/1/infer"])
 def test_infer_nested_data_predicts_digits(digits_client: TestClient, path: str) -> None:
     rows = X[:50]
     response = digits_client.post(path, json=infer_body(rows))
@@ -128,18 +125,26 @@ def test_binary_input_and_output(digits_client: TestClient) -> None:
     rows = X[:4]
     header = {
         "inputs": [
-            {"name": "pixels", "shape": [4, 64], "datatype": "FP32",
-             "parameters": {"binary_data_size": rows.nbytes}}
+            {
+                "name": "pixels",
+                "shape": [4, 64],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": rows.nbytes},
+            }
         ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}},
-                    {"name": "embedding"}],
+        "outputs": [
+            {"name": "probabilities", "parameters": {"binary_data": True}},
+            {"name": "embedding"},
+        ],
     }
     header_bytes = json.dumps(header).encode()
     response = digits_client.post(
         "/v2/models/digits/infer",
         content=header_bytes + rows.astype("<f4").tobytes(),
-        headers={"Inference-Header-Content-Length": str(len(header_bytes)),
-                 "Content-Type": "application/octet-stream"},
+        headers={
+            "Inference-Header-Content-Length": str(len(header_bytes)),
+            "Content-Type": "application/octet-stream",
+        },
     )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
@@ -182,8 +187,12 @@ def _error(response: object, status: int) -> str:
 
 @pytest.mark.parametrize(
     "path",
-    ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/digits/versions/7",
-     "/v2/models/digits/versions/7/ready"],
+    [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/digits/versions/7",
+        "/v2/models/digits/versions/7/ready",
+    ],
 )
 def test_unknown_model_or_version_is_404(digits_client: TestClient, path: str) -> None:
     message = _error(digits_client.get(path), 404)
@@ -238,20 +247,42 @@ def test_infinity_is_400(digits_client: TestClient) -> None:
 def test_nan_in_binary_data_is_400(digits_client: TestClient) -> None:
     rows = X[:1].copy()
     rows[0, 3] = np.nan
-    header = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
+    ).encode()
     response = digits_client.post(
-        "/v2/models/digits/infer", content=header + rows.tobytes(),
+        "/v2/models/digits/infer",
+        content=header + rows.tobytes(),
         headers={"Inference-Header-Content-Length": str(len(header))},
     )
     assert "NaN" in _error(response, 400)
 
 
 def test_binary_size_mismatch_is_400(digits_client: TestClient) -> None:
-    header = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
+    ).encode()
     response = digits_client.post(
-        "/v2/models/digits/infer", content=header + b"\0" * 100,
+        "/v2/models/digits/infer",
+        content=header + b"\0" * 100,
         headers={"Inference-Header-Content-Length": str(len(header))},
     )
     assert "needs exactly 256 bytes" in _error(response, 400)

@@ -36,8 +36,12 @@ def test_predict_matches_oip_probabilities(digits_client: TestClient) -> None:
     ).json()["predictions"]
     v2 = digits_client.post(
         "/v2/models/digits/infer",
-        json={"inputs": [{"name": "pixels", "shape": [5, 64], "datatype": "FP32",
-                          "data": rows.tolist()}], "outputs": [{"name": "probabilities"}]},
+        json={
+            "inputs": [
+                {"name": "pixels", "shape": [5, 64], "datatype": "FP32", "data": rows.tolist()}
+            ],
+            "outputs": [{"name": "probabilities"}],
+        },
     ).json()["outputs"][0]["data"]
     expected = np.asarray(v2, dtype=np.float32).reshape(5, 10)
     got = np.asarray([p["probabilities"] for p in v1], dtype=np.float32)
@@ -63,13 +67,21 @@ def test_models_listing(digits_client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({}, "'instances' is missing or not a list; expected an object {\"instances\": "
-             "[instance, ...]}"),
+        (
+            {},
+            "'instances' is missing or not a list; expected an object {\"instances\": "
+            "[instance, ...]}",
+        ),
         ({"instances": []}, "'instances' is empty; expected at least one instance"),
-        ({"instances": [[1.0] * 63]},
-         "each instance has shape [63]; model 'digits' expects instances of shape [64] (-1 = any)"),
-        ({"instances": [[1.0] * 64], "return_probabilities": "yes"},
-         "'return_probabilities' must be true or false"),
+        (
+            {"instances": [[1.0] * 63]},
+            "each instance has shape [63]; model 'digits' expects instances of shape [64] "
+            "(-1 = any)",
+        ),
+        (
+            {"instances": [[1.0] * 64], "return_probabilities": "yes"},
+            "'return_probabilities' must be true or false",
+        ),
     ],
 )
 def test_predict_errors(digits_client: TestClient, body: object, message: str) -> None:
