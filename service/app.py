@@ -9,14 +9,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.dataplane import DataPlane
+from service.embedded_redis import EmbeddedRedis
 from service.errors import EdgeharvestError
+from service.event_log import EventLog
+from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
+from service.monitoring import PredictionMonitor
+from service.neighbour_index import build_neighbour_index
 from service.onnx_classifier import SessionConfig
-from service.routers import inference_protocol, predict
+from service.prediction_scorer import PredictionScorer
+from service.redis_connection import create_async_redis
+from service.request_metrics import RequestMetricsMiddleware
+from service.routers import inference_protocol, observability, predict
+from service.scores import FlagThresholds
 from service.settings import Settings
 
 logger = logging.getLogger("edgeharvest")
@@ -30,17 +40,84 @@ def session_config(settings: Settings) -> SessionConfig:
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def build_scorers(
+    repository: ModelRepository, settings: Settings
+) -> dict[tuple[str, str], PredictionScorer]:
+    thresholds = FlagThresholds(settings.low_confidence_percentile, settings.novel_percentile)
+    limit = (
+        {}
+        if settings.exact_search_max_size is None
+        else {"exact_max_size": settings.exact_search_max_size}
+    )
+    return {
+        key: PredictionScorer(
+            profile, build_neighbour_index(profile.embeddings, **limit), thresholds
+        )
+        for key, profile in repository.references.items()
+    }
+
+
+def create_app(
+    settings: Settings | None = None, registry: CollectorRegistry | None = None
+) -> FastAPI:
     settings = settings or Settings()
-    # Loading validates every manifest against its graph and warms the model up, so a bad
-    # repository stops start-up with a message instead of failing requests later.
+    registry = registry if registry is not None else CollectorRegistry()
+    # Loading validates every manifest and reference profile against its graph and warms the
+    # model up, so a bad repository stops start-up with a message instead of failing requests.
     repository = ModelRepository.from_directory(settings.model_dir, session_config(settings))
-    dataplane = DataPlane(repository, settings)
+    metrics = ServiceMetrics(registry)
+    event_log: EventLog | None = None
+    monitor: PredictionMonitor | None = None
+    if settings.monitoring_enabled:
+        event_log = EventLog(
+            capacity=settings.event_buffer_capacity,
+            batch_size=settings.event_batch_size,
+            flush_interval=settings.event_flush_interval,
+            maxlen=settings.event_stream_maxlen,
+            retention_seconds=settings.event_retention_seconds or None,
+            shutdown_timeout=settings.event_shutdown_timeout,
+            trim_interval=settings.event_trim_interval,
+            backoff_min=settings.event_backoff_min,
+            backoff_max=settings.event_backoff_max,
+            metrics=metrics,
+        )
+        monitor = PredictionMonitor(
+            build_scorers(repository, settings),
+            metrics,
+            event_log,
+            input_sample_rate=settings.event_input_sample_rate,
+            max_input_bytes=settings.event_max_input_bytes,
+        )
+    dataplane = DataPlane(repository, settings, metrics, monitor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded = None
+        redis = None
+        if event_log is not None:
+            url = settings.redis_url
+            if url is None:
+                embedded = EmbeddedRedis(settings.data_dir)
+                url = embedded.start()
+                logger.info("embedded Redis at %s", url)
+            redis = create_async_redis(
+                url,
+                max_connections=settings.redis_max_connections,
+                socket_timeout=settings.redis_socket_timeout,
+                health_check_interval=settings.redis_health_check_interval,
+                cluster=settings.redis_cluster or None,
+            )
+            await event_log.start(redis)
         dataplane.mark_ready()
-        yield
+        try:
+            yield
+        finally:
+            if event_log is not None:
+                await event_log.stop()
+            if redis is not None:
+                await redis.aclose()
+            if embedded is not None:
+                embedded.stop()
 
     app = FastAPI(
         title="edgeharvest",
@@ -50,8 +127,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.dataplane = dataplane
+    app.state.metrics = metrics
+    app.state.event_log = event_log
     app.include_router(inference_protocol.router)
     app.include_router(predict.router)
+    app.include_router(observability.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
     install_error_handlers(app)
     return app
 

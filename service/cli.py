@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from service.errors import ModelLoadError
+from service.errors import EdgeharvestError, ModelLoadError
 
 app = typer.Typer(
     help="edgeharvest: serve an ONNX classifier, watch it, harvest its edge cases.",
@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 manifest_app = typer.Typer(help="Create and check model manifests.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
+reference_app = typer.Typer(help="Build reference profiles.", no_args_is_help=True)
+app.add_typer(reference_app, name="reference")
 
 
 def _fail(message: str) -> None:
@@ -110,6 +112,73 @@ def manifest_propose(
     else:
         json.dump(manifest.model_dump(mode="json", exclude_none=True), sys.stdout, indent=2)
         sys.stdout.write("\n")
+
+
+@reference_app.command("build")
+def reference_build(
+    model: Annotated[str, typer.Option(help="Model name")],
+    data: Annotated[Path, typer.Option(help="Reference inputs: .npy, .npz, .csv or .parquet")],
+    version: Annotated[str | None, typer.Option(help="Model version (default: latest)")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels file (.npy or one-column CSV), one per row")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column in a CSV or Parquet file")
+    ] = None,
+    max_embeddings: Annotated[int, typer.Option(help="Size cap of the kNN bank")] = 20_000,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of each class held out to measure score distributions")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed of the split and subsample")] = 0,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Where to write (default: reference.npz by the model)")
+    ] = None,
+) -> None:
+    """Run a served model over reference data and write its reference profile."""
+    from tqdm import tqdm
+
+    from service.app import session_config
+    from service.datatypes import OIP_TO_NUMPY
+    from service.model_repository import ModelRepository
+    from service.reference_builder import build_reference_profile
+    from service.reference_data import fit_to_model, read_reference_data
+    from service.reference_profile import REFERENCE_FILE
+    from service.settings import Settings
+
+    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    try:
+        repository = ModelRepository.from_directory(
+            settings.model_dir, session_config(settings), load_references=False
+        )
+        classifier = repository.get(model, version)
+        inputs, targets = read_reference_data(data, labels, label_column)
+        spec = classifier.manifest.input
+        inputs, targets = fit_to_model(
+            inputs, targets, spec.shape[1:], OIP_TO_NUMPY[spec.datatype], classifier.class_names
+        )
+        profile = build_reference_profile(
+            classifier,
+            inputs,
+            targets,
+            max_embeddings=max_embeddings,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            source=data.name,
+            progress=lambda items, total: tqdm(items, total=total, desc="inference", unit="batch"),
+        )
+    except (EdgeharvestError, ValueError) as exc:
+        _fail(getattr(exc, "message", str(exc)))
+    target = output or classifier.directory / REFERENCE_FILE
+    profile.save(target)
+    meta = profile.metadata
+    typer.echo(
+        f"wrote {target}: kNN bank of {meta['bank_size']} embeddings (k={profile.k}), "
+        f"score distributions from {meta['holdout_size']} held-out rows"
+        + (f", accuracy {meta['accuracy']:.4f}" if meta["accuracy"] is not None else "")
+    )
 
 
 def main() -> None:

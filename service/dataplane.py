@@ -5,6 +5,9 @@ Routers take care of HTTP and delegate here, so the logic has one home.
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,17 +16,46 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.errors import ModelNotReady
 from service.inference_protocol import BINARY_EXTENSION
+from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
+from service.monitoring import PredictionMonitor
 from service.onnx_classifier import OnnxClassifier, Prediction
+from service.scores import ScoredBatch, score_output_names
 from service.settings import Settings
+
+logger = logging.getLogger("edgeharvest")
 
 SERVER_NAME = "edgeharvest"
 
 
+@dataclass
+class MonitoredPrediction:
+    prediction: Prediction
+    # None when monitoring is off.
+    scored: ScoredBatch | None
+
+
 class DataPlane:
-    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        monitor: PredictionMonitor | None,
+    ) -> None:
         self.repository = repository
         self.settings = settings
+        self.metrics = metrics
+        self.monitor = monitor
+        for model in repository:
+            metrics.register_model(
+                model.name,
+                model.version,
+                model.manifest.sha256,
+                model.manifest.platform,
+                model.class_names,
+                (model.name, model.version) in repository.references,
+            )
 
     def mark_ready(self) -> None:
         for model in self.repository:
@@ -48,14 +80,42 @@ class DataPlane:
             "outputs": [
                 {"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in model.outputs
             ],
-            "parameters": {"version": model.version, "class_names": model.class_names},
+            "parameters": {
+                "version": model.version,
+                "class_names": model.class_names,
+                "score_outputs": self.score_outputs(model),
+            },
         }
 
-    async def predict(self, model: OnnxClassifier, batch: np.ndarray) -> Prediction:
+    def score_outputs(self, model: OnnxClassifier) -> list[str]:
+        """Extra OIP outputs (scores, percentiles, flags) served when asked for by name."""
+        if self.monitor is None:
+            return []
+        has_reference = (model.name, model.version) in self.repository.references
+        return score_output_names(model.manifest.outputs.logits is not None, has_reference)
+
+    async def predict(
+        self, model: OnnxClassifier, batch: np.ndarray, request_id: str
+    ) -> MonitoredPrediction:
         if not model.ready:
             raise ModelNotReady(
                 f"model '{model.name}' version '{model.version}' is not ready yet; retry shortly"
             )
+        start = time.perf_counter()
         if batch.size >= self.settings.threadpool_min_elements:
-            return await run_in_threadpool(model.predict, batch)
-        return model.predict(batch)
+            prediction = await run_in_threadpool(model.predict, batch)
+        else:
+            prediction = model.predict(batch)
+        self.metrics.inference_duration.labels(model.name, model.version).observe(
+            time.perf_counter() - start
+        )
+        if self.monitor is None:
+            return MonitoredPrediction(prediction, None)
+        try:
+            scored = self.monitor.observe(model, batch, prediction, request_id)
+        except Exception:
+            # Monitoring must never fail a prediction; the error is logged and counted.
+            logger.exception("monitoring failed for model %s v%s", model.name, model.version)
+            self.metrics.monitoring_errors.labels(model.name, model.version).inc()
+            return MonitoredPrediction(prediction, None)
+        return MonitoredPrediction(prediction, scored)

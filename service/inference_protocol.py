@@ -8,15 +8,16 @@ JSON ends. Tensor data is turned into numpy arrays in one call, never element by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY
+from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, oip_datatype_of
 from service.errors import InvalidInput, MalformedRequest
-from service.onnx_classifier import OnnxClassifier, Prediction
+from service.onnx_classifier import OnnxClassifier
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_EXTENSION = "binary_tensor_data"
@@ -59,8 +60,13 @@ def parse_json_document(body: bytes, what: str) -> dict[str, Any]:
 
 
 def parse_infer_request(
-    body: bytes, header_length: int | None, model: OnnxClassifier, max_batch_size: int
+    body: bytes,
+    header_length: int | None,
+    model: OnnxClassifier,
+    max_batch_size: int,
+    extra_outputs: Sequence[str] = (),
 ) -> InferRequest:
+    """Parse and validate; `extra_outputs` are outputs served on request beside the model's."""
     if header_length is None:
         header, binary = body, b""
     else:
@@ -85,7 +91,7 @@ def parse_infer_request(
             f"'inputs' must be a list holding {_describe(model)}; got {_short(inputs)}"
         )
     batch = _parse_input(inputs[0], binary, model, max_batch_size)
-    outputs = _parse_outputs(document.get("outputs"), model)
+    outputs = _parse_outputs(document.get("outputs"), model, extra_outputs)
     binary_outputs = parameters.get("binary_data_output", False)
     if not isinstance(binary_outputs, bool):
         raise InvalidInput(
@@ -175,10 +181,12 @@ def _parse_input(
     return array
 
 
-def _parse_outputs(outputs: object, model: OnnxClassifier) -> list[RequestedOutput] | None:
+def _parse_outputs(
+    outputs: object, model: OnnxClassifier, extra_outputs: Sequence[str]
+) -> list[RequestedOutput] | None:
     if outputs is None:
         return None
-    served = [o.name for o in model.outputs]
+    served = [*(o.name for o in model.outputs), *extra_outputs]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput(
             f"'outputs' must be a list of objects with a 'name'; got {_short(outputs)}"
@@ -224,10 +232,14 @@ def _json_data(array: np.ndarray, datatype: str) -> Any:
 def encode_infer_response(
     model: OnnxClassifier,
     request: InferRequest,
-    prediction: Prediction,
+    tensors: dict[str, np.ndarray],
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers (content type, and the header length when binary)."""
+    """The response body and its headers (content type, and the header length when binary).
+
+    `tensors` holds the model's outputs and any extra outputs; without an `outputs` selection
+    the response carries the model's own outputs only.
+    """
     datatypes = {o.name: o.datatype for o in model.outputs}
     if request.outputs is None:
         wanted = [RequestedOutput(o.name, request.binary_outputs) for o in model.outputs]
@@ -236,8 +248,8 @@ def encode_infer_response(
     outputs = []
     blobs = []
     for output in wanted:
-        array = prediction.tensors[output.name]
-        datatype = datatypes[output.name]
+        array = tensors[output.name]
+        datatype = datatypes.get(output.name) or oip_datatype_of(array)
         entry: dict[str, Any] = {
             "name": output.name,
             "datatype": datatype,

@@ -14,6 +14,7 @@ from pathlib import Path
 from service.errors import ModelLoadError, ModelNotFound
 from service.manifest import MANIFEST_FILE, Manifest
 from service.onnx_classifier import OnnxClassifier, SessionConfig
+from service.reference_profile import REFERENCE_FILE, ReferenceProfile
 
 
 def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
@@ -24,7 +25,13 @@ def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
 
 
 class ModelRepository:
-    def __init__(self, models: list[OnnxClassifier]) -> None:
+    def __init__(
+        self,
+        models: list[OnnxClassifier],
+        references: dict[tuple[str, str], ReferenceProfile] | None = None,
+    ) -> None:
+        # Reference profiles by (name, version); a model without one serves unscored percentiles.
+        self.references = references or {}
         self._models: dict[str, dict[str, OnnxClassifier]] = {}
         for model in models:
             versions = self._models.setdefault(model.name, {})
@@ -36,7 +43,9 @@ class ModelRepository:
             versions[model.version] = model
 
     @classmethod
-    def from_directory(cls, model_dir: Path, config: SessionConfig) -> ModelRepository:
+    def from_directory(
+        cls, model_dir: Path, config: SessionConfig, *, load_references: bool = True
+    ) -> ModelRepository:
         if not model_dir.is_dir():
             raise ModelLoadError(
                 f"model directory {model_dir} does not exist; set EDGEHARVEST_MODEL_DIR to a "
@@ -51,7 +60,14 @@ class ModelRepository:
                 f"{MANIFEST_FILE} (generate one with `edgeharvest manifest propose MODEL.onnx`)"
             )
         models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in manifests]
-        return cls(models)
+        references = {}
+        for model in models if load_references else []:
+            path = model.directory / REFERENCE_FILE
+            if path.is_file():
+                profile = ReferenceProfile.load(path)
+                profile.check_model(model.name, model.version, model.manifest.sha256)
+                references[(model.name, model.version)] = profile
+        return cls(models, references)
 
     def __iter__(self) -> Iterator[OnnxClassifier]:
         for versions in self._models.values():

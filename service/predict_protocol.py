@@ -16,6 +16,7 @@ from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY
 from service.errors import InvalidInput
 from service.inference_protocol import parse_json_document
 from service.onnx_classifier import OnnxClassifier, Prediction
+from service.scores import ScoredBatch
 
 EXPECTED = 'an object {"instances": [instance, ...]}'
 
@@ -71,7 +72,10 @@ def parse_predict_request(
 
 
 def encode_predict_response(
-    model: OnnxClassifier, prediction: Prediction, return_probabilities: bool
+    model: OnnxClassifier,
+    prediction: Prediction,
+    scored: ScoredBatch | None,
+    return_probabilities: bool,
 ) -> bytes:
     probabilities = prediction.probabilities
     indices = probabilities.argmax(axis=1)
@@ -84,5 +88,11 @@ def encode_predict_response(
     if return_probabilities:
         for row, probs in zip(rows, probabilities.tolist(), strict=True):
             row["probabilities"] = probs
+    if scored is not None:
+        for i, row in enumerate(rows):
+            details = scored.row(i)
+            row["scores"] = details["scores"]
+            row["percentiles"] = details["percentiles"]
+            row["flags"] = details["flags"]
     document = {"model_name": model.name, "model_version": model.version, "predictions": rows}
     return orjson.dumps(document)

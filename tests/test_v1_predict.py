@@ -22,7 +22,14 @@ def test_predict_returns_class_and_probability(digits_client: TestClient, path: 
     assert body["model_version"] == "1"
     predictions = body["predictions"]
     assert len(predictions) == 20
-    assert set(predictions[0]) == {"class_index", "class_name", "probability"}
+    assert set(predictions[0]) == {
+        "class_index",
+        "class_name",
+        "probability",
+        "scores",
+        "percentiles",
+        "flags",
+    }
     indices = [p["class_index"] for p in predictions]
     assert [p["class_name"] for p in predictions] == [str(i) for i in indices]
     assert np.mean(np.asarray(indices) == DIGITS.target[:20]) >= 0.9

@@ -40,6 +40,9 @@ from service.manifest import (  # noqa: E402 (needs the sys.path entry above)
     TensorSpec,
     file_sha256,
 )
+from service.onnx_classifier import OnnxClassifier, SessionConfig  # noqa: E402
+from service.reference_builder import build_reference_profile  # noqa: E402
+from service.reference_profile import REFERENCE_FILE  # noqa: E402
 
 HIDDEN_LAYER_SIZES = (64,)
 # One hidden layer: it is the penultimate layer, whose kNN distances separate unseen classes
@@ -224,7 +227,20 @@ def build(out_dir: Path, holdout_classes: Sequence[int] = ()) -> BuildResult:
         class_names=class_names,
         input_layout=InputLayout(kind="image", image_shape=[8, 8], value_range=(0.0, PIXEL_MAX)),
     ).save(out_dir / "manifest.json")
+    write_reference(out_dir, split, mlp)
     return BuildResult(out_dir, accuracy, sha256, class_names)
+
+
+def write_reference(out_dir: Path, split: DigitsSplit, mlp: MLPClassifier) -> None:
+    """The reference profile from the training split, as `edgeharvest reference build` would."""
+    manifest = Manifest.load(out_dir / "manifest.json")
+    classifier = OnnxClassifier(manifest, out_dir, SessionConfig())
+    class_index = {c: i for i, c in enumerate(mlp.classes_)}
+    labels = np.asarray([class_index[c] for c in split.y_train], dtype=np.int64)
+    profile = build_reference_profile(
+        classifier, split.x_train.astype(np.float32), labels, seed=SEED, source="load_digits"
+    )
+    profile.save(out_dir / REFERENCE_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

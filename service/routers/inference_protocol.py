@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.dataplane import DataPlane
 from service.errors import MalformedRequest
+from service.events import new_event_id
 from service.http_body import read_body
 from service.inference_protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from service.openapi_schemas import INFER_REQUEST_SCHEMA
@@ -81,9 +83,25 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     model = dataplane.model(name, version)
     body = await read_body(request, dataplane.settings.max_body_bytes)
     header_length = _header_length(request)
-    parsed = parse_infer_request(body, header_length, model, dataplane.settings.max_batch_size)
-    prediction = await dataplane.predict(model, parsed.batch)
-    content, headers = encode_infer_response(model, parsed, prediction)
+    parsed = parse_infer_request(
+        body,
+        header_length,
+        model,
+        dataplane.settings.max_batch_size,
+        dataplane.score_outputs(model),
+    )
+    request_id = parsed.id or request.headers.get("x-request-id") or new_event_id()
+    result = await dataplane.predict(model, parsed.batch, request_id)
+    tensors = result.prediction.tensors
+    parameters = None
+    if result.scored is not None:
+        scored = result.scored
+        tensors = {**tensors, **scored.tensors()}
+        # Parameter values must be scalars in the protocol: the per-instance scores travel as
+        # one JSON string, and as typed tensors for clients that ask for them by name.
+        rows = [scored.row(i) for i in range(len(scored.predicted))]
+        parameters = {"scores": orjson.dumps(rows).decode()}
+    content, headers = encode_infer_response(model, parsed, tensors, parameters)
     return Response(content=content, headers=headers)
 
 

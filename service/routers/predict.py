@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.dataplane import DataPlane
+from service.events import new_event_id
 from service.http_body import read_body
 from service.openapi_schemas import PREDICT_REQUEST_SCHEMA
 from service.predict_protocol import encode_predict_response, parse_predict_request
@@ -48,6 +49,7 @@ async def predict(request: Request, name: str, version: str | None = None) -> Re
     batch, return_probabilities = parse_predict_request(
         body, model, dataplane.settings.max_batch_size
     )
-    prediction = await dataplane.predict(model, batch)
-    content = encode_predict_response(model, prediction, return_probabilities)
+    request_id = request.headers.get("x-request-id") or new_event_id()
+    result = await dataplane.predict(model, batch, request_id)
+    content = encode_predict_response(model, result.prediction, result.scored, return_probabilities)
     return Response(content=content, media_type="application/json")

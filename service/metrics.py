@@ -1,0 +1,202 @@
+"""Prometheus metrics, built on an injected registry (tests make a fresh one each).
+
+Names follow Prometheus conventions: base units, `_total` for counters, histograms rather than
+summaries. Label values are bounded: models and versions come from the repository, endpoints
+from route templates, classes from manifests (capped), reasons and statuses from small sets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from service.scores import ScoredBatch
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+PERCENTILE_BUCKETS = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 100.0)
+# Above this many classes, per-class series are folded into "other" to bound cardinality.
+MAX_CLASS_LABELS = 100
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        model = ["model", "version"]
+        self.requests = Counter(
+            "edgeharvest_requests_total",
+            "HTTP requests by model, version, endpoint (route template) and status code.",
+            [*model, "endpoint", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "edgeharvest_request_duration_seconds",
+            "Time from request start to response start, by endpoint.",
+            [*model, "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "edgeharvest_inference_duration_seconds",
+            "onnxruntime time per batch.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.scoring_duration = Histogram(
+            "edgeharvest_scoring_duration_seconds",
+            "Time to score a batch (confidence, kNN novelty, percentiles) and queue its events.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "edgeharvest_batch_size",
+            "Instances per inference call.",
+            model,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "edgeharvest_predictions_total",
+            "Predicted instances by predicted class.",
+            [*model, "class"],
+            registry=registry,
+        )
+        self.confidence = Histogram(
+            "edgeharvest_prediction_confidence",
+            "Max class probability of each prediction.",
+            model,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.novelty_percentile = Histogram(
+            "edgeharvest_prediction_novelty_percentile",
+            "Novelty of each prediction as a percentile of the reference (0-100).",
+            model,
+            buckets=PERCENTILE_BUCKETS,
+            registry=registry,
+        )
+        self.flagged = Counter(
+            "edgeharvest_predictions_flagged_total",
+            "Predictions flagged, by reason (low_confidence, novel).",
+            [*model, "reason"],
+            registry=registry,
+        )
+        self.monitoring_errors = Counter(
+            "edgeharvest_monitoring_errors_total",
+            "Batches whose scoring or event logging failed (the prediction was still served).",
+            model,
+            registry=registry,
+        )
+        self.model_info = Info(
+            "edgeharvest_model",
+            "Served model versions.",
+            [*model, "sha256", "platform"],
+            registry=registry,
+        )
+        self.reference_loaded = Gauge(
+            "edgeharvest_reference_profile_loaded",
+            "1 when the model version has a reference profile (scores carry percentiles).",
+            model,
+            registry=registry,
+        )
+        # Event log.
+        self.event_buffer = Gauge(
+            "edgeharvest_event_buffer_events",
+            "Events waiting in this process's buffer.",
+            registry=registry,
+        )
+        self.events_written = Counter(
+            "edgeharvest_events_written_total",
+            "Events written to Redis.",
+            ["stream"],
+            registry=registry,
+        )
+        self.events_dropped = Counter(
+            "edgeharvest_events_dropped_total",
+            "Events dropped before reaching Redis, by reason (buffer_full, shutdown).",
+            ["reason"],
+            registry=registry,
+        )
+        self.redis_write_errors = Counter(
+            "edgeharvest_redis_write_errors_total",
+            "Failed batch writes to Redis.",
+            registry=registry,
+        )
+        self.redis_write_duration = Histogram(
+            "edgeharvest_redis_write_duration_seconds",
+            "Time to write one batch of events.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        for reason in ("buffer_full", "shutdown"):
+            self.events_dropped.labels(reason)
+
+    def register_model(
+        self,
+        name: str,
+        version: str,
+        sha256: str,
+        platform: str,
+        class_names: list[str],
+        has_reference: bool,
+    ) -> None:
+        self.model_info.labels(name, version, sha256, platform).info({})
+        self.reference_loaded.labels(name, version).set(1 if has_reference else 0)
+        for reason in ("low_confidence", "novel"):
+            self.flagged.labels(name, version, reason)
+
+    def observe_batch(
+        self, name: str, version: str, class_names: list[str], scored: ScoredBatch
+    ) -> None:
+        self.batch_size.labels(name, version).observe(len(scored.predicted))
+        counts = np.bincount(scored.predicted, minlength=len(class_names))
+        for index in np.flatnonzero(counts).tolist():
+            label = class_names[index] if index < MAX_CLASS_LABELS else "other"
+            self.predictions.labels(name, version, label).inc(int(counts[index]))
+        confidence = self.confidence.labels(name, version)
+        for value in scored.scores["max_probability"].tolist():
+            confidence.observe(value)
+        novelty = scored.percentiles.get("novelty")
+        if novelty is not None:
+            histogram = self.novelty_percentile.labels(name, version)
+            for value in novelty.tolist():
+                histogram.observe(value)
+        low, novel = int(scored.low_confidence.sum()), int(scored.novel.sum())
+        if low:
+            self.flagged.labels(name, version, "low_confidence").inc(low)
+        if novel:
+            self.flagged.labels(name, version, "novel").inc(novel)
+
+    # EventLogMetrics protocol of the event writer.
+    def buffer_depth(self, depth: int) -> None:
+        self.event_buffer.set(depth)
+
+    def written(self, stream_key: str, count: int) -> None:
+        self.events_written.labels(stream_key).inc(count)
+
+    def dropped(self, reason: str, count: int) -> None:
+        self.events_dropped.labels(reason).inc(count)
+
+    def write_error(self) -> None:
+        self.redis_write_errors.inc()
+
+    def write_latency(self, seconds: float) -> None:
+        self.redis_write_duration.observe(seconds)

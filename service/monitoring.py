@@ -1,0 +1,91 @@
+"""Watch every prediction: score it against the reference, count it, and log it as events.
+
+Runs on the request path, so it does no IO: events go to the in-process buffer of the event
+log, whose background writer talks to Redis. Nothing here can fail a prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Protocol
+
+import numpy as np
+
+from service.events import encode_events
+from service.metrics import ServiceMetrics
+from service.neighbour_index import l2_normalize
+from service.onnx_classifier import OnnxClassifier, Prediction
+from service.prediction_scorer import PredictionScorer, unscored
+from service.redis_keys import event_stream
+from service.scores import ScoredBatch
+
+logger = logging.getLogger("edgeharvest.monitoring")
+
+
+class EventSink(Protocol):
+    def append(self, stream_key: str, fields: dict[str, bytes | str]) -> None: ...
+
+
+class PredictionMonitor:
+    def __init__(
+        self,
+        scorers: dict[tuple[str, str], PredictionScorer],
+        metrics: ServiceMetrics,
+        events: EventSink | None,
+        *,
+        input_sample_rate: float = 1.0,
+        max_input_bytes: int = 65536,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.scorers = scorers
+        self.metrics = metrics
+        self.events = events
+        self.input_sample_rate = input_sample_rate
+        self.max_input_bytes = max_input_bytes
+        self._rng = rng or random.Random()
+
+    def scorer(self, model: OnnxClassifier) -> PredictionScorer | None:
+        return self.scorers.get((model.name, model.version))
+
+    def _store_input(self, batch: np.ndarray) -> bool:
+        if batch[0].nbytes > self.max_input_bytes:
+            return False
+        return self.input_sample_rate >= 1.0 or self._rng.random() < self.input_sample_rate
+
+    def observe(
+        self, model: OnnxClassifier, batch: np.ndarray, prediction: Prediction, request_id: str
+    ) -> ScoredBatch:
+        start = time.perf_counter()
+        scorer = self.scorer(model)
+        if scorer is None:
+            # No reference profile yet: confidence scores only, and the raw embedding (or the
+            # input) normalised, so events are still logged for the profile and the selector.
+            scored = unscored(prediction)
+            source = prediction.embedding
+            if source is None:
+                source = batch.reshape(len(batch), -1).astype(np.float32)
+            embeddings = l2_normalize(source)
+        else:
+            scored, embeddings = scorer.score(prediction, batch)
+        self.metrics.observe_batch(model.name, model.version, model.class_names, scored)
+        if self.events is not None:
+            events = encode_events(
+                model=model.name,
+                version=model.version,
+                request_id=request_id,
+                batch=batch,
+                prediction=prediction,
+                scored=scored,
+                embeddings=embeddings,
+                timestamp=time.time(),
+                store_input=self._store_input(batch),
+            )
+            stream = event_stream(model.name, model.version)
+            for fields in events:
+                self.events.append(stream, fields)
+        self.metrics.scoring_duration.labels(model.name, model.version).observe(
+            time.perf_counter() - start
+        )
+        return scored

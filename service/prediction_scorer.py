@@ -1,0 +1,70 @@
+"""Score a batch of predictions against a model's reference profile (no IO)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.neighbour_index import NeighbourIndex, l2_normalize
+from service.onnx_classifier import Prediction
+from service.reference_profile import ReferenceProfile
+from service.scores import (
+    NOVELTY_SCORE,
+    FlagThresholds,
+    ScoredBatch,
+    confidence_scores,
+    flag,
+    percentile_in,
+)
+
+STANDARDISED_INPUT = "standardised_input"
+
+
+def standardise(batch: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    flat = batch.reshape(len(batch), -1).astype(np.float32)
+    result: np.ndarray = (flat - mean) / np.maximum(std, 1e-6)
+    return result
+
+
+def embedding_of(
+    prediction: Prediction, batch: np.ndarray, source: str, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    """The L2-normalised embedding a profile of this `source` uses."""
+    if source == STANDARDISED_INPUT or prediction.embedding is None:
+        return l2_normalize(standardise(batch, mean, std))
+    return l2_normalize(prediction.embedding)
+
+
+class PredictionScorer:
+    def __init__(
+        self, profile: ReferenceProfile, index: NeighbourIndex, thresholds: FlagThresholds
+    ) -> None:
+        self.profile = profile
+        self.index = index
+        self.thresholds = thresholds
+
+    def embed(self, prediction: Prediction, batch: np.ndarray) -> np.ndarray:
+        p = self.profile
+        return embedding_of(prediction, batch, p.embedding_source, p.input_mean, p.input_std)
+
+    def score(self, prediction: Prediction, batch: np.ndarray) -> tuple[ScoredBatch, np.ndarray]:
+        """Scores with percentiles and flags, and the normalised embeddings they used."""
+        embeddings = self.embed(prediction, batch)
+        scores = confidence_scores(prediction.probabilities, prediction.logits)
+        scores[NOVELTY_SCORE] = self.index.kth_distance(embeddings, self.profile.k)
+        distributions = self.profile.score_distributions
+        percentiles = {
+            name: percentile_in(values, distributions[name])
+            for name, values in scores.items()
+            if name in distributions
+        }
+        low, novel = flag(percentiles, self.thresholds, len(batch))
+        predicted = prediction.probabilities.argmax(axis=1)
+        return ScoredBatch(predicted, scores, percentiles, low, novel), embeddings
+
+
+def unscored(prediction: Prediction) -> ScoredBatch:
+    """Confidence scores without percentiles, for a model that has no reference profile yet."""
+    size = len(prediction.probabilities)
+    scores = confidence_scores(prediction.probabilities, prediction.logits)
+    none = np.zeros(size, dtype=bool)
+    return ScoredBatch(prediction.probabilities.argmax(axis=1), scores, {}, none, none.copy())

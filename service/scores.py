@@ -1,0 +1,154 @@
+"""Per-prediction scores: pure functions over arrays, no IO.
+
+Confidence scores come from the class probabilities (and logits, when the model gives them);
+novelty is the distance to the k-th nearest reference embedding (see `neighbour_index.py`).
+Every score is also placed as a percentile within the reference profile's own distribution of
+that score, measured on held-out reference data, so thresholds mean the same for every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Scores where a high value signals trouble; for the others (max probability, margin) a low
+# value does. Percentiles are always "share of the reference at or below this value".
+CONFIDENCE_SCORES = ("max_probability", "margin", "entropy", "energy")
+NOVELTY_SCORE = "novelty"
+
+
+def max_probability(probabilities: np.ndarray) -> np.ndarray:
+    result: np.ndarray = probabilities.max(axis=1).astype(np.float32)
+    return result
+
+
+def margin(probabilities: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability; 1.0 for a single-class model (nothing competes)."""
+    if probabilities.shape[1] < 2:
+        return np.ones(len(probabilities), dtype=np.float32)
+    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+    result: np.ndarray = (top2[:, 1] - top2[:, 0]).astype(np.float32)
+    return result
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats; 0 * log 0 counts as 0."""
+    p = probabilities.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    result: np.ndarray = (-terms.sum(axis=1)).astype(np.float32)
+    return result + 0.0  # normalise -0.0 to 0.0
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """Free energy -logsumexp(logits) at temperature 1 (Liu et al. 2020): higher = less familiar."""
+    z = logits.astype(np.float64)
+    peak = z.max(axis=1)
+    result: np.ndarray = (-(peak + np.log(np.exp(z - peak[:, None]).sum(axis=1)))).astype(
+        np.float32
+    )
+    return result
+
+
+def confidence_scores(
+    probabilities: np.ndarray, logits: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    scores = {
+        "max_probability": max_probability(probabilities),
+        "margin": margin(probabilities),
+        "entropy": entropy(probabilities),
+    }
+    if logits is not None:
+        scores["energy"] = energy(logits)
+    return scores
+
+
+def percentile_in(values: np.ndarray, sorted_reference: np.ndarray) -> np.ndarray:
+    """Percentile (0-100) of each value within a sorted reference sample.
+
+    Mid-rank for ties: a value equal to every reference point sits at 50, not at 100, so a
+    model that is always fully confident is not flagged for being fully confident.
+    """
+    n = len(sorted_reference)
+    if n == 0:
+        return np.full(len(values), np.nan, dtype=np.float32)
+    below = np.searchsorted(sorted_reference, values, side="left")
+    at_or_below = np.searchsorted(sorted_reference, values, side="right")
+    result: np.ndarray = ((below + at_or_below) * (50.0 / n)).astype(np.float32)
+    return result
+
+
+@dataclass(frozen=True)
+class FlagThresholds:
+    """Percentiles of the reference at which a prediction is flagged."""
+
+    # Flag when max probability is at or below this percentile of the reference.
+    low_confidence_percentile: float = 5.0
+    # Flag when novelty is at or above this percentile of the reference.
+    novel_percentile: float = 99.0
+
+    def __post_init__(self) -> None:
+        for name in ("low_confidence_percentile", "novel_percentile"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 100.0:
+                raise ValueError(f"{name} must be within [0, 100], got {value}")
+
+
+@dataclass
+class ScoredBatch:
+    """Scores, their reference percentiles and the flags of one batch, one row per instance."""
+
+    predicted: np.ndarray  # int64 class index
+    scores: dict[str, np.ndarray]
+    percentiles: dict[str, np.ndarray]
+    low_confidence: np.ndarray  # bool
+    novel: np.ndarray  # bool
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Scores, percentiles and flags as tensors named like `score_output_names` says."""
+        result = {f"score_{k}": v for k, v in self.scores.items()}
+        if self.percentiles:
+            result.update({f"percentile_{k}": v for k, v in self.percentiles.items()})
+            result["flag_low_confidence"] = self.low_confidence
+            result["flag_novel"] = self.novel
+        return result
+
+    def row(self, i: int) -> dict[str, object]:
+        """One instance as plain Python values (for JSON responses and events)."""
+        return {
+            "predicted": int(self.predicted[i]),
+            "scores": {k: float(v[i]) for k, v in self.scores.items()},
+            "percentiles": {k: float(v[i]) for k, v in self.percentiles.items()},
+            "flags": {"low_confidence": bool(self.low_confidence[i]), "novel": bool(self.novel[i])},
+        }
+
+
+def score_output_names(has_logits: bool, has_reference: bool) -> list[str]:
+    """Names of the extra OIP outputs carrying scores, percentiles and flags."""
+    names = [n for n in CONFIDENCE_SCORES if has_logits or n != "energy"]
+    if has_reference:
+        names.append(NOVELTY_SCORE)
+    outputs = [f"score_{n}" for n in names]
+    if has_reference:
+        outputs += [f"percentile_{n}" for n in names] + ["flag_low_confidence", "flag_novel"]
+    return outputs
+
+
+def flag(
+    percentiles: dict[str, np.ndarray], thresholds: FlagThresholds, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(low_confidence, novel) boolean arrays; a score without a reference never flags."""
+    confidence = percentiles.get("max_probability")
+    novelty = percentiles.get(NOVELTY_SCORE)
+    low = (
+        confidence <= thresholds.low_confidence_percentile
+        if confidence is not None
+        else np.zeros(size, dtype=bool)
+    )
+    novel = (
+        novelty >= thresholds.novel_percentile
+        if novelty is not None
+        else np.zeros(size, dtype=bool)
+    )
+    return low, novel
