@@ -11,12 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from service import __version__
 from service.dataplane import DataPlane
 from service.embedded_redis import EmbeddedRedis
 from service.errors import EdgeharvestError
 from service.event_log import EventLog
+from service.fast_routes import FastPredictionRoutes
 from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
 from service.monitoring import PredictionMonitor
@@ -44,14 +46,16 @@ def build_scorers(
     repository: ModelRepository, settings: Settings
 ) -> dict[tuple[str, str], PredictionScorer]:
     thresholds = FlagThresholds(settings.low_confidence_percentile, settings.novel_percentile)
-    limit = (
-        {}
-        if settings.exact_search_max_size is None
-        else {"exact_max_size": settings.exact_search_max_size}
-    )
+    # numpy's BLAS is limited to one thread for the whole process (the kNN search is the only
+    # BLAS user; onnxruntime has its own pool), so the index need not toggle it per search.
+    threadpool_limits(limits=1, user_api="blas")
     return {
         key: PredictionScorer(
-            profile, build_neighbour_index(profile.embeddings, **limit), thresholds
+            profile,
+            build_neighbour_index(
+                profile.embeddings, settings.exact_search_max_size, manage_blas_threads=False
+            ),
+            thresholds,
         )
         for key, profile in repository.references.items()
     }
@@ -129,10 +133,13 @@ def create_app(
     app.state.dataplane = dataplane
     app.state.metrics = metrics
     app.state.event_log = event_log
-    app.include_router(inference_protocol.router)
+    # Routes are matched in order: the prediction routes go first, they take the traffic.
     app.include_router(predict.router)
+    app.include_router(inference_protocol.router)
     app.include_router(observability.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
+    # Added last, so outermost: prediction traffic skips the framework (see fast_routes.py).
+    app.add_middleware(FastPredictionRoutes, dataplane=dataplane)
     install_error_handlers(app)
     return app
 

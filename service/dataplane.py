@@ -106,9 +106,8 @@ class DataPlane:
             prediction = await run_in_threadpool(model.predict, batch)
         else:
             prediction = model.predict(batch)
-        self.metrics.inference_duration.labels(model.name, model.version).observe(
-            time.perf_counter() - start
-        )
+        model_metrics = self.metrics.for_model(model.name, model.version)
+        model_metrics.inference_duration.observe(time.perf_counter() - start)
         if self.monitor is None:
             return MonitoredPrediction(prediction, None)
         try:
@@ -116,6 +115,6 @@ class DataPlane:
         except Exception:
             # Monitoring must never fail a prediction; the error is logged and counted.
             logger.exception("monitoring failed for model %s v%s", model.name, model.version)
-            self.metrics.monitoring_errors.labels(model.name, model.version).inc()
+            model_metrics.monitoring_errors.inc()
             return MonitoredPrediction(prediction, None)
         return MonitoredPrediction(prediction, scored)

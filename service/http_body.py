@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from collections.abc import AsyncIterator, Mapping
 
 from service.errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -14,20 +14,26 @@ def _too_large(size: str, limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    encoding = request.headers.get("content-encoding", "identity").lower()
+async def read_limited_body(
+    chunks: AsyncIterator[bytes], headers: Mapping[str, str], limit: int
+) -> bytes:
+    """The whole body; 413 as soon as it is known to exceed `limit`, 415 if compressed.
+
+    `headers` maps lower-case names to values.
+    """
+    encoding = headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         )
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(declared, limit)
-    chunks = []
+    parts = []
     received = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         received += len(chunk)
         if received > limit:
             raise _too_large(f"more than {limit}", limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)

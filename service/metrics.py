@@ -148,6 +148,7 @@ class ServiceMetrics:
         )
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
+        self._bound: dict[tuple[str, str], ModelMetrics] = {}
 
     def register_model(
         self,
@@ -160,30 +161,11 @@ class ServiceMetrics:
     ) -> None:
         self.model_info.labels(name, version, sha256, platform).info({})
         self.reference_loaded.labels(name, version).set(1 if has_reference else 0)
-        for reason in ("low_confidence", "novel"):
-            self.flagged.labels(name, version, reason)
+        self._bound[(name, version)] = ModelMetrics(self, name, version, class_names)
 
-    def observe_batch(
-        self, name: str, version: str, class_names: list[str], scored: ScoredBatch
-    ) -> None:
-        self.batch_size.labels(name, version).observe(len(scored.predicted))
-        counts = np.bincount(scored.predicted, minlength=len(class_names))
-        for index in np.flatnonzero(counts).tolist():
-            label = class_names[index] if index < MAX_CLASS_LABELS else "other"
-            self.predictions.labels(name, version, label).inc(int(counts[index]))
-        confidence = self.confidence.labels(name, version)
-        for value in scored.scores["max_probability"].tolist():
-            confidence.observe(value)
-        novelty = scored.percentiles.get("novelty")
-        if novelty is not None:
-            histogram = self.novelty_percentile.labels(name, version)
-            for value in novelty.tolist():
-                histogram.observe(value)
-        low, novel = int(scored.low_confidence.sum()), int(scored.novel.sum())
-        if low:
-            self.flagged.labels(name, version, "low_confidence").inc(low)
-        if novel:
-            self.flagged.labels(name, version, "novel").inc(novel)
+    def for_model(self, name: str, version: str) -> ModelMetrics:
+        """The series of one model version, bound once: `labels()` costs a few us per call."""
+        return self._bound[(name, version)]
 
     # EventLogMetrics protocol of the event writer.
     def buffer_depth(self, depth: int) -> None:
@@ -200,3 +182,45 @@ class ServiceMetrics:
 
     def write_latency(self, seconds: float) -> None:
         self.redis_write_duration.observe(seconds)
+
+
+class ModelMetrics:
+    """The per-model-version children of the service's metrics, bound at start-up."""
+
+    def __init__(
+        self, metrics: ServiceMetrics, name: str, version: str, class_names: list[str]
+    ) -> None:
+        labels = (name, version)
+        self.inference_duration = metrics.inference_duration.labels(*labels)
+        self.scoring_duration = metrics.scoring_duration.labels(*labels)
+        self.monitoring_errors = metrics.monitoring_errors.labels(*labels)
+        self.batch_size = metrics.batch_size.labels(*labels)
+        self.confidence = metrics.confidence.labels(*labels)
+        self.novelty_percentile = metrics.novelty_percentile.labels(*labels)
+        self.low_confidence = metrics.flagged.labels(*labels, "low_confidence")
+        self.novel = metrics.flagged.labels(*labels, "novel")
+        names = [
+            *class_names[:MAX_CLASS_LABELS],
+            *(["other"] if len(class_names) > MAX_CLASS_LABELS else []),
+        ]
+        self._per_class = [metrics.predictions.labels(*labels, n) for n in names]
+
+    def observe_batch(self, scored: ScoredBatch) -> None:
+        self.batch_size.observe(len(scored.predicted))
+        if len(scored.predicted) == 1:
+            self._per_class[min(int(scored.predicted[0]), MAX_CLASS_LABELS)].inc()
+        else:
+            counts = np.bincount(np.minimum(scored.predicted, MAX_CLASS_LABELS))
+            for index in np.flatnonzero(counts).tolist():
+                self._per_class[index].inc(int(counts[index]))
+        for value in scored.scores["max_probability"].tolist():
+            self.confidence.observe(value)
+        novelty = scored.percentiles.get("novelty")
+        if novelty is not None:
+            for value in novelty.tolist():
+                self.novelty_percentile.observe(value)
+        low, novel = int(scored.low_confidence.sum()), int(scored.novel.sum())
+        if low:
+            self.low_confidence.inc(low)
+        if novel:
+            self.novel.inc(novel)

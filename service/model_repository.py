@@ -41,6 +41,10 @@ class ModelRepository:
                     f"in {versions[model.version].directory} and in {model.directory}"
                 )
             versions[model.version] = model
+        self._latest = {
+            name: versions[max(versions, key=_version_key)]
+            for name, versions in self._models.items()
+        }
 
     @classmethod
     def from_directory(
@@ -81,9 +85,12 @@ class ModelRepository:
         return sorted(self._versions_of(name), key=_version_key)
 
     def get(self, name: str, version: str | None = None) -> OnnxClassifier:
-        versions = self._versions_of(name)
         if version is None:
-            return versions[max(versions, key=_version_key)]
+            latest = self._latest.get(name)
+            if latest is None:
+                self._versions_of(name)  # raises ModelNotFound
+            return latest  # type: ignore[return-value]
+        versions = self._versions_of(name)
         try:
             return versions[version]
         except KeyError:

@@ -69,7 +69,8 @@ class PredictionMonitor:
             embeddings = l2_normalize(source)
         else:
             scored, embeddings = scorer.score(prediction, batch)
-        self.metrics.observe_batch(model.name, model.version, model.class_names, scored)
+        model_metrics = self.metrics.for_model(model.name, model.version)
+        model_metrics.observe_batch(scored)
         if self.events is not None:
             events = encode_events(
                 model=model.name,
@@ -85,7 +86,5 @@ class PredictionMonitor:
             stream = event_stream(model.name, model.version)
             for fields in events:
                 self.events.append(stream, fields)
-        self.metrics.scoring_duration.labels(model.name, model.version).observe(
-            time.perf_counter() - start
-        )
+        model_metrics.scoring_duration.observe(time.perf_counter() - start)
         return scored

@@ -26,14 +26,16 @@ from threadpoolctl import ThreadpoolController
 FloatArray = npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.int64]
 
-# Exact search answers one query in under 1 ms (p50) up to this many references at dim 64.
-# Measured with `bench/novelty_search.py` (its exact_threshold section: 1,000 single-row
-# queries per size after warm-up, one BLAS thread, 2-core AMD EPYC): p50 0.24 ms at 50k, ~0.4 ms
-# at 70k, 0.58 ms at 80k, 0.73 ms at 90k, 0.99 ms at 100k. Cost grows with size x dim and
-# faster past ~70k, where the 18 MB reference stops fitting the cache beside everything else.
-# 50k keeps a 4x margin for a core shared with onnxruntime. At dim 256 the same 1 ms holds only
-# to ~25k references (and ~5k at dim 1024): pass a smaller exact_max_size for wide embeddings.
-EXACT_MAX_SIZE = 50_000
+# The largest reference, at dim 64, that exact search answers one query for in under 1 ms
+# (p50). Measured with `bench/novelty_search.py --threshold-only` (ExactIndex.kth_distance on
+# one row, 1,000 queries per size after 50 warm-up calls, one BLAS thread, 2-core AMD EPYC),
+# and an earlier loop of the same computation; runs with and without this machine's
+# OPENBLAS_CORETYPE=Haswell. p50 at 90k: 0.49-0.77 ms in all 8 runs; at 100k: 0.63-1.10 ms,
+# over 1 ms in 1 of 10; at 110k: 0.94-1.19 ms. Cost follows size x dim, reaching 1 ms at
+# about 7M floats: at dim 256 the limit is 25k (0.56-0.86 ms; 30k took 0.80-1.19), at dim 1024
+# it is 6k (0.46-0.65 ms): build_neighbour_index scales the limit by dim (EXACT_MAX_ELEMENTS).
+EXACT_MAX_SIZE = 90_000
+EXACT_MAX_ELEMENTS = EXACT_MAX_SIZE * 64
 
 # Sun et al. 2022 use k=50 with the full 50,000-image CIFAR-10 training set; scaling k with the
 # reference size keeps the same fraction (0.1%) of the reference inside the neighbourhood.
@@ -58,10 +60,13 @@ def l2_normalize(x: npt.ArrayLike) -> FloatArray:
     rows = np.asarray(x, dtype=np.float32)
     if rows.ndim != 2:
         raise ValueError(f"expected a 2-D array of row vectors, got shape {rows.shape}")
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    # einsum rather than np.linalg.norm: the same result at a third of the call overhead,
+    # which matters on the request path where a batch is often one row.
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
     # Dividing by 1 leaves a zero row at zero; a NaN or inf row still comes out NaN.
-    normalized = rows / np.where(norms == 0.0, np.float32(1.0), norms)
-    return normalized.astype(np.float32, copy=False)
+    norms[norms == 0.0] = 1.0
+    normalized: FloatArray = rows / norms
+    return normalized
 
 
 def default_k(reference_size: int) -> int:
@@ -151,16 +156,22 @@ def _distances(squared: FloatArray) -> FloatArray:
 class ExactIndex(NeighbourIndex):
     """Brute force: one matrix product against the whole reference per block of queries."""
 
-    def __init__(self, reference: npt.ArrayLike, *, threads: int = 1) -> None:
+    def __init__(
+        self, reference: npt.ArrayLike, *, threads: int = 1, manage_blas_threads: bool = True
+    ) -> None:
         # A copy, so a caller reusing its array cannot change the reference under the index.
         self._reference = _checked_reference(reference, copy=True)
         self._squared_norms = np.einsum("ij,ij->i", self._reference, self._reference)
         self._threads = _checked_threads(threads)
+        # A process that limits BLAS threads once at start (the service does) passes False:
+        # setting and restoring them costs about 13 us per search, twice the search itself
+        # at a reference of 1,000.
+        self._manage_blas_threads = manage_blas_threads
         # numpy's BLAS threads by default, and with two BLAS threads on this 2-core machine
         # single-query p90 went from 0.2 ms to 9 ms (40k x 64). The thread count is
         # process-global, so it is set only around our products and restored after (about
-        # 2 us). Concurrent searches may restore each other's value; every value they leave is
-        # this index's or the original, so results stay the same, only speed can differ.
+        # 2 us). Concurrent searches may restore each other's value: that changes speed only,
+        # never results.
         self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
 
     @property
@@ -205,11 +216,16 @@ class ExactIndex(NeighbourIndex):
         |q|^2 is constant along a row, so ranking and partitioning happen without it and it
         is added to the k values kept, not to every reference.
         """
+        if not self._manage_blas_threads:
+            block: FloatArray = queries @ self._reference.T
+            block *= -2.0
+            block += self._squared_norms
+            return block
         saved = [blas.get_num_threads() for blas in self._blas]
         for blas in self._blas:
             blas.set_num_threads(self._threads)
         try:
-            block: FloatArray = queries @ self._reference.T
+            block = queries @ self._reference.T
         finally:
             for blas, threads in zip(self._blas, saved, strict=True):
                 blas.set_num_threads(threads)
@@ -222,14 +238,17 @@ class FaissIvfIndex(NeighbourIndex):
     """faiss IndexIVFFlat: k-means cells over the reference, and exact distances within the
     `nprobe` cells nearest to each query.
 
-    Chosen by measurement over faiss HNSW and usearch HNSW (bench/novelty_search.py, 100k x 64,
-    one thread): it builds in a tenth of the time, stores little beyond the vectors, answers
-    single queries faster at the same recall, and kept k-th distance errors under 1% for novel
-    queries, where HNSW's greedy walk overshot by up to 8-20%. Its weakness is data without
-    cluster structure, where a fixed nprobe loses recall: so unless `nprobe` is given, it is
-    calibrated when the index is built: the smallest probe count, raised by half at a time from
-    5% of the lists, whose recall of the `default_k` nearest set against exact search is at
-    least 0.98 on 256 seeded reference rows (each excluding itself).
+    Chosen by measurement over faiss HNSW-Flat and usearch HNSW (M=32, ef 128 and 512) with
+    bench/novelty_search.py at 100k x 64, one thread: build 0.6-1.0 s against 6-8 s, p50 55 us
+    against 120-410 us, recall 0.994 against 0.952-0.982, 26 MB against 53 MB, and on novel
+    queries (clusters absent from the reference) recall 0.94 with k-th distance errors under
+    1%, where HNSW's greedy walk got stuck (recall 0.55-0.82, worst errors 5-135%).
+    Its weakness is data without cluster structure, where a fixed nprobe loses recall (0.34 at
+    5% of the lists on isotropic data). So unless `nprobe` is given it is calibrated at build:
+    the smallest probe count, raised by half at a time from 5% of the lists, whose recall of
+    the `default_k` nearest set against exact search is at least 0.98 on 256 seeded reference
+    rows (each leaving itself out). On isotropic data that climbs to nearly every list, as
+    slow as exact search but as accurate.
     """
 
     def __init__(
@@ -359,16 +378,24 @@ def _checked_threads(threads: int) -> int:
 
 
 def build_neighbour_index(
-    reference: npt.ArrayLike, exact_max_size: int = EXACT_MAX_SIZE, threads: int = 1
+    reference: npt.ArrayLike,
+    exact_max_size: int | None = None,
+    threads: int = 1,
+    manage_blas_threads: bool = True,
 ) -> NeighbourIndex:
     """Exact search for references of up to `exact_max_size` rows, faiss IVF-Flat above that.
 
-    One thread by default: onnxruntime and the web server share the machine's cores.
+    Without `exact_max_size`, the limit follows the cost of exact search, size x dim: 90,000
+    rows at dim 64 (EXACT_MAX_ELEMENTS), 22,500 at dim 256 (measured 25k), 5,625 at dim 1024
+    (measured 6k). One thread by default: onnxruntime and the web server share the cores.
     """
-    if exact_max_size < 0:
+    if exact_max_size is not None and exact_max_size < 0:
         raise ValueError(f"exact_max_size must be at least 0, got {exact_max_size}")
     # The index validates the reference; a malformed one counts as small so ExactIndex says why.
     size = np.shape(reference)[0] if np.ndim(reference) == 2 else 0
+    if exact_max_size is None:
+        dim = max(1, np.shape(reference)[1]) if np.ndim(reference) == 2 else 1
+        exact_max_size = EXACT_MAX_ELEMENTS // dim
     if size <= exact_max_size:
-        return ExactIndex(reference, threads=threads)
+        return ExactIndex(reference, threads=threads, manage_blas_threads=manage_blas_threads)
     return FaissIvfIndex(reference, threads=threads)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.dataplane import DataPlane
-from service.events import new_event_id
-from service.http_body import read_body
+from service.http_body import read_limited_body
 from service.openapi_schemas import PREDICT_REQUEST_SCHEMA
-from service.predict_protocol import encode_predict_response, parse_predict_request
+from service.prediction_handlers import handle_predict
 
 router = APIRouter(prefix="/v1", tags=["Simple JSON"])
 
@@ -18,6 +17,23 @@ _PREDICT_OPENAPI = {
         "content": {"application/json": {"schema": PREDICT_REQUEST_SCHEMA}},
     }
 }
+
+
+@router.post(
+    "/models/{name}/predict", summary="Predict (latest version)", openapi_extra=_PREDICT_OPENAPI
+)
+@router.post(
+    "/models/{name}/versions/{version}/predict", summary="Predict", openapi_extra=_PREDICT_OPENAPI
+)
+async def predict(request: Request, name: str, version: str | None = None) -> Response:
+    # Documents the endpoint and serves it when the fast path is off; `fast_routes.py` takes
+    # the traffic otherwise. Both call the same handler.
+    dataplane: DataPlane = request.app.state.dataplane
+    body = await read_limited_body(
+        request.stream(), request.headers, dataplane.settings.max_body_bytes
+    )
+    content, headers = await handle_predict(dataplane, name, version, body, request.headers)
+    return Response(content=content, headers=headers)
 
 
 @router.get("/models", summary="Served models and their versions")
@@ -34,22 +50,3 @@ async def list_models(request: Request) -> dict[str, list[dict[str, object]]]:
             for name in repository.names
         ]
     }
-
-
-@router.post(
-    "/models/{name}/predict", summary="Predict (latest version)", openapi_extra=_PREDICT_OPENAPI
-)
-@router.post(
-    "/models/{name}/versions/{version}/predict", summary="Predict", openapi_extra=_PREDICT_OPENAPI
-)
-async def predict(request: Request, name: str, version: str | None = None) -> Response:
-    dataplane: DataPlane = request.app.state.dataplane
-    model = dataplane.model(name, version)
-    body = await read_body(request, dataplane.settings.max_body_bytes)
-    batch, return_probabilities = parse_predict_request(
-        body, model, dataplane.settings.max_batch_size
-    )
-    request_id = request.headers.get("x-request-id") or new_event_id()
-    result = await dataplane.predict(model, batch, request_id)
-    content = encode_predict_response(model, result.prediction, result.scored, return_probabilities)
-    return Response(content=content, media_type="application/json")

@@ -1,0 +1,627 @@
+"""Serving throughput and latency: edgeharvest's endpoints against a plain FastAPI baseline.
+
+    .venv/bin/python bench/serving.py [--duration 10] [--connections 16] [--threads 2]
+        [--batch 1] [--output bench/results/serving.json] [--service-env NAME=VALUE ...]
+
+Every contender serves the committed digits model and runs in this one invocation, one after
+the other, each in its own process on a free loopback port. For each: wait for readiness, check
+one request answers 200 with the predictions a local onnxruntime session gives, warm up with wrk,
+then measure with `wrk --latency`. A run in which wrk saw non-2xx responses or socket errors is
+reported as INVALID and the script exits 1. Ratios are against the first contender, the baseline:
+a req/s ratio above 1 and a p99 ratio below 1 mean edgeharvest is better. Besides wrk's figures,
+the CPU time the server's process tree used per request is recorded: it is less sensitive to
+other load on the machine than requests/s, which the script warns about when it sees it.
+
+CPU pinning: the machine this was written on has 2 cores, and wrk and the server compete for
+them. Unpinned, the scheduler moves both around and figures swing run to run. With two or more
+CPUs available the server is pinned to the first (`taskset -c`) and wrk to the rest: one Python
+process can only use about one core anyway (onnxruntime runs with one thread, as the service
+configures it), and wrk gets a core of its own so it does not steal the server's. Whatever the
+server starts (edgeharvest's embedded Redis) inherits its core, so the figures are what one core
+serves, everything included. With more CPUs the server still gets one. `--no-pin` turns it off.
+
+Each edgeharvest process keeps its state (the embedded Redis) in a fresh temporary folder. To
+compare configurations, pass `--service-env` (e.g. EDGEHARVEST_MONITORING_ENABLED=false) or add a
+`Contender` to `contenders()` with the environment that selects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from sklearn.datasets import load_digits
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO_ROOT / "models"
+MODEL_FILE = MODEL_DIR / "digits" / "model.onnx"
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "serving.json"
+WARM_UP_SECONDS = 2
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+# Above this share of CPU time used by other processes before a run, the figures are suspect.
+BUSY_WARNING_SHARE = 0.10
+PACKAGES = (
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "onnxruntime",
+    "numpy",
+    "orjson",
+)
+
+# wrk runs this once per thread; the body file is read once, not per request.
+WRK_SCRIPT = """\
+local file = assert(io.open({body_path}, "rb"))
+wrk.method = "POST"
+wrk.body = file:read("*a")
+wrk.headers["Content-Type"] = "application/json"
+file:close()
+"""
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One server configuration and the request it is measured with."""
+
+    name: str
+    # `{port}` is replaced by the port the contender is started on.
+    command: tuple[str, ...]
+    env: dict[str, str]
+    ready_path: str
+    path: str
+    body: bytes
+    # The predicted class of each instance, read from a response document.
+    read_classes: Callable[[Any], list[int]] = field(repr=False)
+
+
+def _classes_from_predictions(document: Any) -> list[int]:
+    return [int(p["class_index"]) for p in document["predictions"]]
+
+
+def _classes_from_oip(document: Any) -> list[int]:
+    output = next(o for o in document["outputs"] if o["name"] == "probabilities")
+    probabilities = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    return [int(c) for c in probabilities.argmax(axis=1)]
+
+
+def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -> list[Contender]:
+    """The baseline first: every ratio is against it.
+
+    Each edgeharvest process keeps its state (the embedded Redis) in its own folder under
+    `state_dir`, so no run sees another's events and the repository's var/ is left alone.
+    `service_env` is added to every edgeharvest contender's environment.
+    """
+    instances = rows.tolist()
+    predict_body = json.dumps({"instances": instances}).encode()
+    infer_body = json.dumps(
+        {
+            "inputs": [
+                {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32", "data": instances}
+            ]
+        }
+    ).encode()
+    python = sys.executable
+    service = (python, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "{port}")
+
+    def edgeharvest_env(state: str) -> dict[str, str]:
+        return {
+            "EDGEHARVEST_MODEL_DIR": str(MODEL_DIR),
+            "EDGEHARVEST_DATA_DIR": str(state_dir / state),
+            # The service logs at info by default; warning matches the baseline.
+            "EDGEHARVEST_LOG_LEVEL": "warning",
+            **service_env,
+        }
+
+    return [
+        Contender(
+            name="baseline (plain FastAPI, pydantic body)",
+            command=(python, "-m", "bench.baseline_app", "--port", "{port}"),
+            env={},
+            ready_path="/health",
+            path="/predict",
+            body=predict_body,
+            read_classes=_classes_from_predictions,
+        ),
+        Contender(
+            name="edgeharvest /v1 predict",
+            command=service,
+            env=edgeharvest_env("v1"),
+            ready_path="/v2/health/ready",
+            path="/v1/models/digits/predict",
+            body=predict_body,
+            read_classes=_classes_from_predictions,
+        ),
+        Contender(
+            name="edgeharvest OIP infer (JSON)",
+            command=service,
+            env=edgeharvest_env("oip"),
+            ready_path="/v2/health/ready",
+            path="/v2/models/digits/infer",
+            body=infer_body,
+            read_classes=_classes_from_oip,
+        ),
+        # The same two endpoints without scores and the Redis event log: what monitoring costs.
+        Contender(
+            name="edgeharvest /v1 predict, monitoring off",
+            command=service,
+            env={**edgeharvest_env("v1-off"), "EDGEHARVEST_MONITORING_ENABLED": "false"},
+            ready_path="/v2/health/ready",
+            path="/v1/models/digits/predict",
+            body=predict_body,
+            read_classes=_classes_from_predictions,
+        ),
+        Contender(
+            name="edgeharvest OIP infer (JSON), monitoring off",
+            command=service,
+            env={**edgeharvest_env("oip-off"), "EDGEHARVEST_MONITORING_ENABLED": "false"},
+            ready_path="/v2/health/ready",
+            path="/v2/models/digits/infer",
+            body=infer_body,
+            read_classes=_classes_from_oip,
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_second: float
+    requests: int
+    latency_ms: dict[str, float]  # percentile ("50", "75", "90", "99") -> milliseconds
+    non_2xx: int
+    socket_errors: dict[str, int]
+
+    @property
+    def errors(self) -> list[str]:
+        found = [f"{self.non_2xx} non-2xx/3xx responses"] if self.non_2xx else []
+        found += [f"{n} socket {kind} errors" for kind, n in self.socket_errors.items() if n]
+        return found
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_PERCENTILE = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+_REQUESTS_PER_SECOND = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.MULTILINE)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def parse_wrk_output(text: str) -> WrkResult:
+    rate = _REQUESTS_PER_SECOND.search(text)
+    count = _REQUESTS.search(text)
+    latency = {p: float(v) * _UNIT_MS[unit] for p, v, unit in _PERCENTILE.findall(text)}
+    if rate is None or count is None or set(latency) != {"50", "75", "90", "99"}:
+        raise RuntimeError(f"cannot read wrk's output; expected --latency figures, got:\n{text}")
+    non_2xx = _NON_2XX.search(text)
+    sockets = _SOCKET_ERRORS.search(text)
+    socket_errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    if sockets is not None:
+        socket_errors = dict(zip(socket_errors, map(int, sockets.groups()), strict=True))
+    return WrkResult(
+        requests_per_second=float(rate.group(1)),
+        requests=int(count.group(1)),
+        latency_ms=latency,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=socket_errors,
+    )
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """CPU lists for `taskset -c`; None runs unpinned."""
+
+    server: str | None
+    client: str | None
+
+    @classmethod
+    def choose(cls, enabled: bool) -> Pinning:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not enabled or len(cpus) < 2 or shutil.which("taskset") is None:
+            return cls(None, None)
+        return cls(str(cpus[0]), ",".join(map(str, cpus[1:])))
+
+    @staticmethod
+    def prefix(cpus: str | None) -> list[str]:
+        return ["taskset", "-c", cpus] if cpus is not None else []
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    duration: int
+    connections: int
+    threads: int
+
+
+def run_wrk(
+    url: str, script: Path, load: LoadSettings, duration: int, pinning: Pinning
+) -> WrkResult:
+    command = [
+        *Pinning.prefix(pinning.client),
+        "wrk",
+        "-t", str(load.threads),
+        "-c", str(load.connections),
+        "-d", f"{duration}s",
+        "--latency",
+        "-s", str(script),
+        url,
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"wrk exited with {completed.returncode}: {completed.stderr.strip()}")
+    return parse_wrk_output(completed.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with code {process.returncode} before it was ready; its log:\n"
+                + log.read_text(errors="replace")
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {READY_TIMEOUT_SECONDS:.0f}s")
+
+
+def check_answer(contender: Contender, url: str, expected: list[int]) -> None:
+    """One request before timing: a benchmark of error responses measures nothing."""
+    request = urllib.request.Request(
+        url, data=contender.body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            document = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise RuntimeError(f"{contender.name}: POST {url} answered {exc.code}: {detail}") from None
+    got = contender.read_classes(document)
+    if got != expected:
+        raise RuntimeError(
+            f"{contender.name}: POST {url} predicted classes {got}; "
+            f"onnxruntime on {MODEL_FILE.name} gives {expected}"
+        )
+
+
+@dataclass(frozen=True)
+class ProcessStat:
+    parent: int
+    cpu_ticks: int  # user + system, all threads
+    start_ticks: int  # tells a process from a later one that reuses its pid
+
+
+def process_table() -> dict[int, ProcessStat]:
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        # The command name may hold spaces and parentheses; the fields follow the last ')'.
+        fields = text[text.rindex(")") + 2 :].split()
+        table[int(stat.parent.name)] = ProcessStat(
+            parent=int(fields[1]),
+            cpu_ticks=int(fields[11]) + int(fields[12]),
+            start_ticks=int(fields[19]),
+        )
+    return table
+
+
+def process_tree(pid: int, table: dict[int, ProcessStat]) -> dict[int, ProcessStat]:
+    """The process and its descendants: the server and what it started (an embedded Redis)."""
+    tree = {pid: table[pid]} if pid in table else {}
+    grew = True
+    while grew:
+        children = {p: s for p, s in table.items() if s.parent in tree and p not in tree}
+        tree.update(children)
+        grew = bool(children)
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    ticks = sum(s.cpu_ticks for s in process_tree(pid, process_table()).values())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server, then anything it started and left running (in a session of its own)."""
+    started = process_tree(process.pid, process_table())
+    started.pop(process.pid, None)
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    while started and time.monotonic() < deadline:
+        table = process_table()
+        started = {
+            p: s for p, s in started.items() if p in table and table[p].start_ticks == s.start_ticks
+        }
+        time.sleep(0.1)
+    for pid in started:
+        print(f"    stopping process {pid} the server left running", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wrk: WrkResult
+    # CPU time of the server's process tree while wrk ran, divided by the requests it served.
+    server_cpu_us_per_request: float
+
+
+def measure(
+    contender: Contender,
+    load: LoadSettings,
+    pinning: Pinning,
+    expected: list[int],
+    workdir: Path,
+) -> Measurement:
+    slug = re.sub(r"[^a-z0-9]+", "-", contender.name.lower()).strip("-")
+    body_path = workdir / f"{slug}.json"
+    body_path.write_bytes(contender.body)
+    script = workdir / f"{slug}.lua"
+    # json.dumps gives a double-quoted string literal Lua reads the same way.
+    script.write_text(WRK_SCRIPT.format(body_path=json.dumps(str(body_path))))
+    log = workdir / f"{slug}.log"
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    # taskset execs the command, so the pid is the server's.
+    command = [*Pinning.prefix(pinning.server), *(a.format(port=port) for a in contender.command)]
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**os.environ, **contender.env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_ready(base_url + contender.ready_path, process, log)
+        url = base_url + contender.path
+        check_answer(contender, url, expected)
+        run_wrk(url, script, load, WARM_UP_SECONDS, pinning)
+        cpu_before = tree_cpu_seconds(process.pid)
+        result = run_wrk(url, script, load, load.duration, pinning)
+        cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
+    finally:
+        stop(process)
+    return Measurement(result, cpu_seconds / max(result.requests, 1) * 1e6)
+
+
+def expected_classes(rows: np.ndarray) -> list[int]:
+    session = ort.InferenceSession(str(MODEL_FILE), providers=["CPUExecutionProvider"])
+    probabilities = session.run(["probabilities"], {"pixels": rows})[0]
+    return [int(c) for c in probabilities.argmax(axis=1)]
+
+
+def wrk_version() -> str:
+    # `wrk --version` prints its banner then the usage text, and exits 1.
+    completed = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    banner = (completed.stdout or completed.stderr).splitlines()[0]
+    return banner.split(" Copyright")[0].strip()
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies over all CPUs, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return idle, sum(values)
+
+
+def busy_cpu_share(seconds: float = 1.0) -> float:
+    """How busy the machine is without us: other load makes every figure noisy."""
+    idle_before, total_before = _cpu_times()
+    time.sleep(seconds)
+    idle_after, total_after = _cpu_times()
+    total = total_after - total_before
+    return 1 - (idle_after - idle_before) / total if total else 0.0
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions: dict[str, str | None] = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "wrk": wrk_version(),
+        "packages": versions,
+    }
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
+def summarise(
+    contender: Contender, measurement: Measurement, baseline: Measurement
+) -> dict[str, Any]:
+    result = measurement.wrk
+    return {
+        "name": contender.name,
+        "path": contender.path,
+        "command": list(contender.command),
+        "env": contender.env,
+        "body_bytes": len(contender.body),
+        "valid": not result.errors,
+        "errors": result.errors,
+        **asdict(result),
+        "server_cpu_us_per_request": round(measurement.server_cpu_us_per_request, 1),
+        "requests_per_second_ratio": _ratio(
+            result.requests_per_second, baseline.wrk.requests_per_second
+        ),
+        "p99_ratio": _ratio(result.latency_ms["99"], baseline.wrk.latency_ms["99"]),
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| contender | requests/s | p50 ms | p99 ms | req/s ratio vs baseline "
+        "| p99 ratio vs baseline |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        name = row["name"] if row["valid"] else f"{row['name']} **INVALID**"
+        lines.append(
+            f"| {name} | {row['requests_per_second']:,.0f} | {row['latency_ms']['50']:.2f} "
+            f"| {row['latency_ms']['99']:.2f} | {row['requests_per_second_ratio']:.2f}x "
+            f"| {row['p99_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per contender")
+    parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
+    parser.add_argument("--batch", type=int, default=1, help="instances per request")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to CPUs")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for every edgeharvest contender, e.g. "
+        "EDGEHARVEST_MONITORING_ENABLED=false (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    for assignment in args.service_env:
+        if "=" not in assignment or not assignment.split("=", 1)[0]:
+            parser.error(f"--service-env {assignment!r} is not NAME=VALUE")
+    args.service_env = dict(a.split("=", 1) for a in args.service_env)
+    for option in ("duration", "connections", "threads", "batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} is {getattr(args, option)}; expected a positive integer")
+    if args.connections < args.threads:
+        parser.error(
+            f"--connections {args.connections} is below --threads {args.threads}; "
+            "wrk needs at least one connection per thread"
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        sys.exit("error: wrk is not installed; install it with `apt-get install -y wrk`")
+    digits = load_digits()
+    if args.batch > len(digits.data):
+        sys.exit(f"error: --batch {args.batch} exceeds the {len(digits.data)} digits rows")
+    rows = digits.data[: args.batch].astype(np.float32)
+    expected = expected_classes(rows)
+    load = LoadSettings(args.duration, args.connections, args.threads)
+    pinning = Pinning.choose(enabled=not args.no_pin)
+    busy = busy_cpu_share()
+    if busy > BUSY_WARNING_SHARE:
+        print(
+            f"warning: the CPUs are {busy:.0%} busy before the benchmark starts; other load "
+            "skews the figures, so compare them only with runs on an idle machine",
+            file=sys.stderr,
+        )
+
+    print(
+        f"{args.duration}s per contender after a {WARM_UP_SECONDS}s warm-up; "
+        f"batch {args.batch}, {args.connections} connections, {args.threads} wrk threads; "
+        f"server CPUs {pinning.server or 'any'}, wrk CPUs {pinning.client or 'any'}",
+        flush=True,
+    )
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp:
+        workdir = Path(tmp)
+        entries = contenders(rows, workdir / "state", args.service_env)
+        for contender in entries:
+            print(f"  {contender.name} ...", end=" ", flush=True)
+            result = measure(contender, load, pinning, expected, workdir)
+            print(
+                f"{result.wrk.requests_per_second:,.0f} req/s, "
+                f"server CPU {result.server_cpu_us_per_request:,.0f} µs/request",
+                flush=True,
+            )
+            for error in result.wrk.errors:
+                print(f"    wrk saw {error}: this run is INVALID", flush=True)
+            results.append(result)
+
+    rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
+    report = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "parameters": {
+            **asdict(load),
+            "batch": args.batch,
+            "warm_up_seconds": WARM_UP_SECONDS,
+            "pinning": asdict(pinning),
+            "service_env": args.service_env,
+            "busy_cpu_share_before": round(busy, 3),
+            "baseline": entries[0].name,
+        },
+        "contenders": rows_out,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown_table(rows_out))
+    print(f"\nwrote {args.output}")
+    if not all(row["valid"] for row in rows_out):
+        print("error: some runs saw errors; their figures are not valid", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The prediction endpoints as a plain ASGI path in front of the framework.
+
+For a small model, FastAPI's routing, dependency solving and middleware cost more than the
+inference itself. POSTs to the two prediction endpoints are matched here with one regular
+expression and answered directly; everything else (and these endpoints' OpenAPI documentation)
+goes through FastAPI. The handlers are shared (`prediction_handlers.py`), errors become the
+same `{"error": ...}` bodies, and requests are counted in the same metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.dataplane import DataPlane
+from service.errors import EdgeharvestError
+from service.http_body import read_limited_body
+from service.prediction_handlers import handle_infer, handle_predict
+
+logger = logging.getLogger("edgeharvest")
+
+_ROUTE = re.compile(
+    r"^/(?:(?P<oip>v2)|v1)/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+    r"/(?P<action>infer|predict)$"
+)
+# Route templates as metric labels, the same strings FastAPI's routes carry.
+_ENDPOINTS = {
+    (True, False): "/v2/models/{name}/infer",
+    (True, True): "/v2/models/{name}/versions/{version}/infer",
+    (False, False): "/v1/models/{name}/predict",
+    (False, True): "/v1/models/{name}/versions/{version}/predict",
+}
+
+
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+class FastPredictionRoutes:
+    def __init__(self, app: ASGIApp, dataplane: DataPlane) -> None:
+        self.app = app
+        self.dataplane = dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        match = _ROUTE.match(scope["path"])
+        if match is None or (match["oip"] is not None) != (match["action"] == "infer"):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        name, version = match["name"], match["version"]
+        oip = match["oip"] is not None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        dataplane = self.dataplane
+        try:
+            body = await read_limited_body(
+                _chunks(receive), headers, dataplane.settings.max_body_bytes
+            )
+            handler = handle_infer if oip else handle_predict
+            content, response_headers = await handler(dataplane, name, version, body, headers)
+            status = 200
+        except EdgeharvestError as exc:
+            status, content = exc.status_code, orjson.dumps({"error": exc.message})
+            response_headers = {"content-type": "application/json"}
+        except Exception as exc:
+            logger.exception("unhandled error on POST %s", scope["path"])
+            status = 500
+            content = orjson.dumps(
+                {"error": f"internal error ({type(exc).__name__}); the server log has details"}
+            )
+            response_headers = {"content-type": "application/json"}
+        raw_headers = [(k.encode(), v.encode()) for k, v in response_headers.items()]
+        raw_headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
+        self._record(name, version, _ENDPOINTS[(oip, version is not None)], status, start)
+
+    def _record(
+        self, name: str, version: str | None, endpoint: str, status: int, start: float
+    ) -> None:
+        try:
+            model = self.dataplane.model(name, version)
+            labels = (model.name, model.version)
+        except EdgeharvestError:
+            labels = ("unknown", "unknown")
+        metrics = self.dataplane.metrics
+        metrics.requests.labels(*labels, endpoint, str(status)).inc()
+        metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - start)
