@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/edgeharvest serve
+	$(BIN)/edgeharvest run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

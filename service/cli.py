@@ -181,6 +181,115 @@ def reference_build(
     )
 
 
+@app.command()
+def select(
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit once every event stream is drained")
+    ] = False,
+    consumer: Annotated[
+        str | None, typer.Option(help="Consumer name in the group (default: host-pid)")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
+    ] = None,
+) -> None:
+    """Run a selector worker: events -> selection policy -> labeling queue."""
+    import os
+    import signal
+    import socket
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from service.embedded_redis import EmbeddedRedis
+    from service.model_repository import ModelRepository
+    from service.redis_connection import create_redis
+    from service.selection_policy import WindowBudget
+    from service.selector_worker import ModelStream, SelectorWorker, selection_config
+    from service.settings import Settings
+    from service.worker_metrics import WorkerMetrics
+
+    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    try:
+        manifests = ModelRepository.find_manifests(settings.model_dir)
+        config = selection_config(settings.selection)
+    except (EdgeharvestError, ValueError) as exc:
+        _fail(getattr(exc, "message", str(exc)))
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = embedded.start()
+    registry = CollectorRegistry()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=registry)
+    client = create_redis(
+        url,
+        max_connections=4,
+        # Longer than a blocking read, so a quiet stream is not mistaken for a dead server.
+        socket_timeout=settings.redis_socket_timeout + settings.selector_block_ms / 1000,
+        cluster=settings.redis_cluster or None,
+    )
+    worker = SelectorWorker(
+        client,
+        [ModelStream(m.name, m.version, m.class_names) for m in manifests],
+        consumer=consumer or f"{socket.gethostname()}-{os.getpid()}",
+        config=config,
+        budget=WindowBudget(settings.selector_budget_per_window, settings.selector_window_seconds),
+        metrics=WorkerMetrics(registry),
+        round_size=settings.selector_round_size,
+        block_ms=settings.selector_block_ms,
+        claim_idle_ms=int(settings.selector_claim_idle_seconds * 1000),
+        lease_seconds=settings.label_lease_seconds,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop())
+    try:
+        processed = worker.run(burst=burst)
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+    typer.echo(f"selector processed {processed} events", err=True)
+
+
+@app.command()
+def run(
+    host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
+) -> None:
+    """Everything on one machine: the API plus a selector worker, sharing one Redis.
+
+    Without EDGEHARVEST_REDIS_URL, the embedded Redis is started first and the worker is
+    pointed at it. In production run `serve` and `select` as separate deployments instead.
+    """
+    import os
+    import subprocess
+
+    from service.embedded_redis import EmbeddedRedis
+    from service.settings import Settings
+
+    settings = Settings()
+    env = dict(os.environ)
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        env["EDGEHARVEST_REDIS_URL"] = embedded.start()
+        os.environ["EDGEHARVEST_REDIS_URL"] = env["EDGEHARVEST_REDIS_URL"]
+    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "select"], env=env)]
+    try:
+        serve(host=host, port=port, model_dir=None)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if embedded is not None:
+            embedded.stop()
+
+
 def main() -> None:
     app()
 

@@ -5,7 +5,7 @@ item back in the queue at its old place. Every state change is one Lua script, s
 and every script gets all its keys in KEYS (one hash tag, one Cluster slot). Scripts never read a
 clock: callers pass `now`.
 
-Layout (names in `label_queue_keys.py`):
+Layout (names in `redis_keys.py`):
 - `item:<id>` hash: the immutable content (`meta` JSON, `input` and `embedding` bytes), written
   once by `enqueue` and only read afterwards, so it can be fetched outside any script;
 - `records` hash: item id -> JSON lifecycle record (state, lease, label, discard, history). The
@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 from redis.commands.core import Script
 
-from service import label_queue_keys as keys
+from service import redis_keys as keys
 from service.errors import BadRequest, EdgeharvestError
 from service.redis_connection import SyncRedis
 

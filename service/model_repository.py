@@ -24,6 +24,23 @@ def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
     return (0, version)
 
 
+def _manifest_paths(model_dir: Path) -> list[Path]:
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"model directory {model_dir} does not exist; set EDGEHARVEST_MODEL_DIR to a "
+            "folder holding one sub-folder per model with a manifest.json"
+        )
+    manifests = sorted(
+        {*model_dir.glob(f"*/{MANIFEST_FILE}"), *model_dir.glob(f"*/*/{MANIFEST_FILE}")}
+    )
+    if not manifests:
+        raise ModelLoadError(
+            f"no models found under {model_dir}: expected sub-folders with a "
+            f"{MANIFEST_FILE} (generate one with `edgeharvest manifest propose MODEL.onnx`)"
+        )
+    return manifests
+
+
 class ModelRepository:
     def __init__(
         self,
@@ -46,23 +63,16 @@ class ModelRepository:
             for name, versions in self._models.items()
         }
 
+    @staticmethod
+    def find_manifests(model_dir: Path) -> list[Manifest]:
+        """Every manifest in the repository, validated but without loading any model."""
+        return [Manifest.load(p) for p in _manifest_paths(model_dir)]
+
     @classmethod
     def from_directory(
         cls, model_dir: Path, config: SessionConfig, *, load_references: bool = True
     ) -> ModelRepository:
-        if not model_dir.is_dir():
-            raise ModelLoadError(
-                f"model directory {model_dir} does not exist; set EDGEHARVEST_MODEL_DIR to a "
-                "folder holding one sub-folder per model with a manifest.json"
-            )
-        manifests = sorted(
-            {*model_dir.glob(f"*/{MANIFEST_FILE}"), *model_dir.glob(f"*/*/{MANIFEST_FILE}")}
-        )
-        if not manifests:
-            raise ModelLoadError(
-                f"no models found under {model_dir}: expected sub-folders with a "
-                f"{MANIFEST_FILE} (generate one with `edgeharvest manifest propose MODEL.onnx`)"
-            )
+        manifests = _manifest_paths(model_dir)
         models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in manifests]
         references = {}
         for model in models if load_references else []:

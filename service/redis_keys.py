@@ -17,3 +17,66 @@ def model_tag(model: str) -> str:
 def event_stream(model: str, version: str) -> str:
     """The Redis Stream of prediction events of one model version."""
     return f"{PREFIX}:{model_tag(model)}:{version}:events"
+
+
+def selector_budget(model: str, version: str, window_start: int) -> str:
+    """Items the selectors enqueued in the budget window starting at `window_start`."""
+    return f"{PREFIX}:{model_tag(model)}:{version}:budget:{window_start}"
+
+
+# ---- labeling queue: every queue key sits under `...:<version>:queue` ------------------------
+
+
+def label_queue(model: str, version: str) -> str:
+    """Sorted set of queued item ids, best first (score and member layout: see label_queue.py)."""
+    return f"{PREFIX}:{model_tag(model)}:{version}:queue"
+
+
+def label_queue_leases(model: str, version: str) -> str:
+    """Sorted set of leased item ids scored by lease expiry."""
+    return f"{label_queue(model, version)}:leases"
+
+
+def label_queue_records(model: str, version: str) -> str:
+    """Hash: item id -> JSON lifecycle record (state, lease, label, history)."""
+    return f"{label_queue(model, version)}:records"
+
+
+def label_queue_since(model: str, version: str) -> str:
+    """Sorted set of queued item ids scored by first enqueue time (oldest queued item)."""
+    return f"{label_queue(model, version)}:since"
+
+
+def label_queue_depth_by_lane(model: str, version: str) -> str:
+    """Hash: lane -> number of queued items."""
+    return f"{label_queue(model, version)}:depth:lane"
+
+
+def label_queue_depth_by_class(model: str, version: str) -> str:
+    """Hash: predicted class name -> number of queued items."""
+    return f"{label_queue(model, version)}:depth:class"
+
+
+def label_queue_labeled(model: str, version: str) -> str:
+    """Sorted set of labeled item ids scored by label time."""
+    return f"{label_queue(model, version)}:labeled"
+
+
+def label_queue_discarded(model: str, version: str) -> str:
+    """Set of discarded item ids."""
+    return f"{label_queue(model, version)}:discarded"
+
+
+def label_queue_content_hashes(model: str, version: str) -> str:
+    """Set of the content hashes of every item ever enqueued: never enqueued twice."""
+    return f"{label_queue(model, version)}:hashes"
+
+
+def label_queue_sequence(model: str, version: str) -> str:
+    """Counter of enqueued items: breaks priority ties in enqueue order."""
+    return f"{label_queue(model, version)}:seq"
+
+
+def label_queue_item(model: str, version: str, item_id: str) -> str:
+    """Hash of one item's immutable content: `meta` (JSON), `input`, `embedding` (bytes)."""
+    return f"{label_queue(model, version)}:item:{item_id}"

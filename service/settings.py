@@ -69,3 +69,20 @@ class Settings(BaseSettings):
     # Retry backoff of the event writer while Redis is unreachable.
     event_backoff_min: float = Field(default=0.1, gt=0)
     event_backoff_max: float = Field(default=5.0, gt=0)
+
+    # Selector: how many items may be enqueued per model version and budget window.
+    selector_budget_per_window: int = Field(default=200, ge=0)
+    selector_window_seconds: int = Field(default=3600, ge=1)
+    # Events per round (one XREADGROUP), and how long a round waits for new events.
+    selector_round_size: int = Field(default=1000, ge=1)
+    selector_block_ms: int = Field(default=1000, ge=1)
+    # Events another consumer has held unacknowledged this long are claimed (it died).
+    selector_claim_idle_seconds: float = Field(default=60.0, gt=0)
+    # Overrides of the selection policy's thresholds, as JSON, e.g.
+    # EDGEHARVEST_SELECTION='{"novel_percentile": 98, "random_lane_share": 0.2}'; the keys are
+    # the fields of service.selection_policy.SelectionConfig.
+    selection: dict[str, float] = Field(default_factory=dict)
+    # Labeling: how long a claimed item stays leased without a heartbeat.
+    label_lease_seconds: float = Field(default=600.0, gt=0)
+    # Port of a worker's own /metrics (0: none).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)

@@ -20,7 +20,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from service import label_queue_keys
+from service import redis_keys as label_queue_keys
 from service.embedded_redis import redis_server_executable
 from service.label_queue import (
     CLAIM_LUA,

@@ -1,0 +1,264 @@
+"""The selector worker: event stream -> selection policy -> labeling queue.
+
+Each worker is a consumer in the `selector` consumer group of every served model version's
+event stream, so any number of workers share the load. An event is acknowledged only after its
+round's picks are in the queue; enqueueing is idempotent by event id and content hash, so a
+worker that dies mid-round leaves its events pending, another worker (or the same one after a
+restart) claims them back with XAUTOCLAIM, and the replay neither loses nor duplicates anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from service.events import Event, decode_event
+from service.label_queue import LabelQueue, QueueItem
+from service.redis_connection import SyncRedis
+from service.redis_keys import event_stream, selector_budget
+from service.selection_policy import (
+    Candidate,
+    Selection,
+    SelectionConfig,
+    WindowBudget,
+    content_hash,
+    select_round,
+)
+from service.worker_metrics import WorkerMetrics
+
+logger = logging.getLogger("edgeharvest.selector")
+
+GROUP = "selector"
+
+
+@dataclass(frozen=True)
+class ModelStream:
+    """What the worker needs to know about one served model version."""
+
+    model: str
+    version: str
+    class_names: list[str]
+
+
+def candidate_of(event: Event) -> Candidate:
+    meta = event.meta
+    if event.input is not None:
+        digest = content_hash(event.input.tobytes(), meta["input_dtype"], meta["input_shape"])
+    else:
+        # Without the stored input the embedding is the best identity the event has.
+        digest = content_hash(event.embedding.astype("<f2").tobytes(), "float16", [-1])
+    return Candidate(
+        event_id=event.id,
+        content_hash=digest,
+        predicted=event.predicted,
+        embedding=event.embedding,
+        scores=event.scores,
+        percentiles=event.percentiles,
+    )
+
+
+def queue_item_of(
+    event: Event, candidate: Candidate, selection: Selection, class_names: list[str]
+) -> QueueItem:
+    meta = event.meta
+    predicted = event.predicted
+    return QueueItem(
+        item_id=event.id,
+        content_hash=candidate.content_hash,
+        priority=selection.priority,
+        lane=selection.lane,
+        rule=selection.rule,
+        predicted=predicted,
+        predicted_class=class_names[predicted] if predicted < len(class_names) else str(predicted),
+        model_version=meta["version"],
+        created_at=float(meta["ts"]),
+        evidence={
+            **dict(selection.reasons),
+            "request_id": meta.get("request_id"),
+            "flags": meta.get("flags", {}),
+        },
+        nearest_labeled_distance=selection.nearest_labeled_distance,
+        input=None if event.input is None else event.input.tobytes(),
+        input_dtype=meta["input_dtype"],
+        input_shape=tuple(meta["input_shape"]),
+        embedding=event.embedding.astype("<f2").tobytes(),
+        probabilities=tuple(float(p) for p in event.probabilities),
+    )
+
+
+class SelectorWorker:
+    def __init__(
+        self,
+        redis_client: SyncRedis,
+        streams: list[ModelStream],
+        *,
+        consumer: str,
+        config: SelectionConfig,
+        budget: WindowBudget,
+        metrics: WorkerMetrics,
+        round_size: int = 1000,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+        lease_seconds: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.redis = redis_client
+        self.streams = streams
+        self.consumer = consumer
+        self.config = config
+        self.budget = budget
+        self.metrics = metrics
+        self.round_size = round_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.clock = clock
+        self.queues = {
+            (s.model, s.version): LabelQueue(
+                redis_client, s.model, s.version, lease_seconds=lease_seconds
+            )
+            for s in streams
+        }
+        self._rng = np.random.default_rng(seed)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ensure_groups(self) -> None:
+        for stream in self.streams:
+            key = event_stream(stream.model, stream.version)
+            try:
+                # From the start of the stream: events logged before any worker ran count too.
+                self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def run(self, burst: bool = False) -> int:
+        """Process rounds until stopped; with `burst`, until every stream is drained."""
+        self.ensure_groups()
+        processed = 0
+        try:
+            while not self._stop.is_set():
+                count = sum(self.process_stream(s, block=not burst) for s in self.streams)
+                processed += count
+                if burst and count == 0:
+                    break
+        finally:
+            logger.info("selector %s stopped after %d events", self.consumer, processed)
+        return processed
+
+    def process_stream(self, stream: ModelStream, block: bool = False) -> int:
+        """One round on one stream: stale pending events first, then new ones."""
+        key = event_stream(stream.model, stream.version)
+        entries = self._claim_stale(key)
+        if not entries:
+            block_ms = self.block_ms if block and len(self.streams) == 1 else None
+            reply: Any = self.redis.xreadgroup(
+                GROUP, self.consumer, {key: ">"}, count=self.round_size, block=block_ms
+            )
+            entries = reply[0][1] if reply else []
+        if not entries:
+            return 0
+        self._process(stream, key, entries)
+        return len(entries)
+
+    def _claim_stale(self, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = self.redis.xautoclaim(
+            key,
+            GROUP,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=self.round_size,
+        )
+        # [next id, claimed entries, deleted ids]; entries trimmed away come back as None.
+        return [(i, f) for i, f in reply[1] if f]
+
+    def _process(
+        self, stream: ModelStream, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> None:
+        started = time.perf_counter()
+        events: dict[str, Event] = {}
+        undecodable = 0
+        for _, fields in entries:
+            try:
+                event = decode_event(fields)
+            except (KeyError, ValueError) as exc:
+                undecodable += 1
+                logger.warning("skipping an undecodable event on %s: %s", key, exc)
+                continue
+            # The event writer may deliver an event twice; the first copy counts.
+            events.setdefault(event.id, event)
+        queue = self.queues[(stream.model, stream.version)]
+        now = self.clock()
+        candidates = [candidate_of(e) for e in events.values()]
+        outcome_enqueued = 0
+        if candidates:
+            hashes = [c.content_hash for c in candidates]
+            seen = {h for h, known in zip(hashes, queue.seen_hashes(hashes), strict=True) if known}
+            known = queue.known_embeddings()
+            remaining = self._remaining_budget(stream, now)
+            outcome = select_round(
+                candidates,
+                known_embeddings=known.vectors,
+                labeled_embeddings=known.vectors[known.labeled],
+                seen_hashes=seen,
+                budget=remaining,
+                config=self.config,
+                rng=self._rng,
+            )
+            by_id = {c.event_id: c for c in candidates}
+            items = [
+                queue_item_of(events[s.event_id], by_id[s.event_id], s, stream.class_names)
+                for s in outcome.selected
+            ]
+            if items:
+                outcome_enqueued = queue.enqueue(items, now)
+                self._spend_budget(stream, now, outcome_enqueued)
+            self.metrics.observe_round(stream.model, stream.version, outcome, outcome_enqueued)
+        # Acknowledged only now that the round's picks are stored.
+        self.redis.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+        self.metrics.events_processed(stream.model, stream.version, len(entries), undecodable)
+        self.metrics.round_duration(time.perf_counter() - started)
+
+    def _remaining_budget(self, stream: ModelStream, now: float) -> int:
+        window = self.budget.window_start(now)
+        used = self.redis.get(selector_budget(stream.model, stream.version, window))
+        return self.budget.remaining(now, int(used or 0), window)
+
+    def _spend_budget(self, stream: ModelStream, now: float, count: int) -> None:
+        if count <= 0:
+            return
+        key = selector_budget(stream.model, stream.version, self.budget.window_start(now))
+        pipe: Any = self.redis.pipeline(transaction=True)
+        pipe.incrby(key, count)
+        # The counter outlives its window by one window, then expires.
+        pipe.expire(key, 2 * self.budget.window_seconds)
+        pipe.execute()
+
+
+def selection_config(overrides: dict[str, float]) -> SelectionConfig:
+    """The policy's defaults with the settings' overrides; names a bad key or value."""
+    known = set(SelectionConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"EDGEHARVEST_SELECTION has unknown keys {unknown}; expected some of {sorted(known)}"
+        )
+    values: dict[str, Any] = dict(overrides)
+    if "shortlist_factor" in values:
+        values["shortlist_factor"] = int(values["shortlist_factor"])
+    return SelectionConfig(**values)
