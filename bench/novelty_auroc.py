@@ -45,15 +45,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "digits-holdout"
         subprocess.run(
-            [sys.executable, str(REPO / "models/digits/build.py"), "--out", str(out),
-             "--holdout-classes", *map(str, HELD_OUT)],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(REPO / "models/digits/build.py"),
+                "--out",
+                str(out),
+                "--holdout-classes",
+                *map(str, HELD_OUT),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         repository = ModelRepository.from_directory(Path(tmp), SessionConfig())
         model = repository.get("digits-holdout")
         profile = repository.references[("digits-holdout", "1")]
-        scorer = PredictionScorer(profile, build_neighbour_index(profile.embeddings),
-                                  FlagThresholds())
+        scorer = PredictionScorer(
+            profile, build_neighbour_index(profile.embeddings), FlagThresholds()
+        )
         # The same split as the build script: seen = held-out test digits of the trained classes.
         x, y = load_digits(return_X_y=True)
         x = x.astype(np.float32)
@@ -65,30 +73,41 @@ def main() -> None:
         scored, _ = scorer.score(model.predict(batch), batch)
         flagged_novel = scored.novel
     rows = {
-        name: float(roc_auc_score(is_unseen, SIGNS[name] * scored.scores[name]))
-        for name in SIGNS
+        name: float(roc_auc_score(is_unseen, SIGNS[name] * scored.scores[name])) for name in SIGNS
     }
     baseline = rows["max_probability"]
-    print(f"digits, classes {HELD_OUT} unseen in training: {len(seen)} seen test images, "
-          f"{len(unseen)} unseen images; kNN bank {len(profile.embeddings)}, k={profile.k}\n")
+    print(
+        f"digits, classes {HELD_OUT} unseen in training: {len(seen)} seen test images, "
+        f"{len(unseen)} unseen images; kNN bank {len(profile.embeddings)}, k={profile.k}\n"
+    )
     print("| score | AUROC | vs max probability |")
     print("| --- | --- | --- |")
     for name, auroc in sorted(rows.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {auroc:.4f} | {auroc - baseline:+.4f} |")
     recall = float(flagged_novel[is_unseen == 1].mean())
     false_flags = float(flagged_novel[is_unseen == 0].mean())
-    print(f"\n`novel` flag (99th percentile): flags {recall:.1%} of unseen-class images and "
-          f"{false_flags:.1%} of seen-class test images")
+    print(
+        f"\n`novel` flag (99th percentile): flags {recall:.1%} of unseen-class images and "
+        f"{false_flags:.1%} of seen-class test images"
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
-        "benchmark": "novelty_auroc",
-        "python": platform.python_version(),
-        "held_out_classes": list(HELD_OUT),
-        "seen": len(seen), "unseen": len(unseen),
-        "bank_size": len(profile.embeddings), "k": profile.k,
-        "auroc": rows,
-        "novel_flag_rate": {"unseen": recall, "seen": false_flags},
-    }, indent=2) + "\n")
+    args.output.write_text(
+        json.dumps(
+            {
+                "benchmark": "novelty_auroc",
+                "python": platform.python_version(),
+                "held_out_classes": list(HELD_OUT),
+                "seen": len(seen),
+                "unseen": len(unseen),
+                "bank_size": len(profile.embeddings),
+                "k": profile.k,
+                "auroc": rows,
+                "novel_flag_rate": {"unseen": recall, "seen": false_flags},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.output}")
 
 

