@@ -26,6 +26,7 @@ from service.monitoring import PredictionMonitor
 from service.neighbour_index import build_neighbour_index
 from service.onnx_classifier import SessionConfig
 from service.prediction_scorer import PredictionScorer
+from service.queue_metrics import LabelQueueCollector
 from service.redis_connection import create_async_redis, create_redis
 from service.request_metrics import RequestMetricsMiddleware
 from service.routers import inference_protocol, labeling, observability, predict
@@ -100,6 +101,7 @@ def create_app(
         embedded = None
         redis = None
         sync_redis = None
+        queue_collector = None
         if settings.monitoring_enabled or settings.redis_url is not None:
             url = settings.redis_url
             if url is None:
@@ -113,7 +115,10 @@ def create_app(
                 "cluster": settings.redis_cluster or None,
             }
             sync_redis = create_redis(url, **connection)  # type: ignore[arg-type]
-            app.state.label_desk = LabelDesk(repository, sync_redis, settings.label_lease_seconds)
+            desk = LabelDesk(repository, sync_redis, settings.label_lease_seconds)
+            app.state.label_desk = desk
+            queue_collector = LabelQueueCollector(lambda: desk.queues)
+            registry.register(queue_collector)
             if event_log is not None:
                 redis = create_async_redis(url, **connection)  # type: ignore[arg-type]
                 await event_log.start(redis)
@@ -121,6 +126,8 @@ def create_app(
         try:
             yield
         finally:
+            if queue_collector is not None:
+                registry.unregister(queue_collector)
             app.state.label_desk = None
             if event_log is not None:
                 await event_log.stop()

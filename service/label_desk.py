@@ -39,6 +39,10 @@ class LabelDesk:
             for m in repository
         }
 
+    @property
+    def queues(self) -> list[LabelQueue]:
+        return list(self._queues.values())
+
     def _resolve(self, name: str, version: str | None) -> tuple[LabelQueue, Manifest]:
         model = self.repository.get(name, version)
         return self._queues[(model.name, model.version)], model.manifest

@@ -215,3 +215,18 @@ def test_versioned_paths(client: TestClient) -> None:
     assert stats.status_code == 200
     assert stats.json()["queued"] == 40
     assert np.isfinite(stats.json()["oldest_queued_age_seconds"])
+
+
+def test_queue_metrics_are_read_from_redis_at_scrape(client: TestClient) -> None:
+    first, _second = claim(client, "alice", 2)
+    client.post(
+        f"{Q}/items/{first['item_id']}/label",
+        json={"token": first["token"], "labeler": "alice", "label": "1"},
+    )
+    text = client.get("/metrics").text
+    assert 'edgeharvest_label_queue_up{model="digits",version="1"} 1.0' in text
+    assert 'edgeharvest_label_queue_items{model="digits",state="queued",version="1"} 38.0' in text
+    assert 'edgeharvest_label_queue_items{model="digits",state="leased",version="1"} 1.0' in text
+    assert 'edgeharvest_label_queue_items{model="digits",state="labeled",version="1"} 1.0' in text
+    assert 'edgeharvest_label_queue_labeled_last_hour{model="digits",version="1"} 1.0' in text
+    assert "edgeharvest_label_queue_oldest_item_age_seconds" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from service.metrics import ServiceMetrics
 
@@ -13,4 +14,6 @@ router = APIRouter(tags=["Observability"])
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
-    return Response(generate_latest(service_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Collecting reads the labeling queue from Redis: keep that off the event loop.
+    body = await run_in_threadpool(generate_latest, service_metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
