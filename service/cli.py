@@ -125,6 +125,13 @@ def reference_build(
     label_column: Annotated[
         str | None, typer.Option(help="Label column in a CSV or Parquet file")
     ] = None,
+    validation_data: Annotated[
+        Path | None,
+        typer.Option(help="Data the model was not trained on, for the score distributions"),
+    ] = None,
+    validation_labels: Annotated[
+        Path | None, typer.Option(help="Labels of the validation data")
+    ] = None,
     max_embeddings: Annotated[int, typer.Option(help="Size cap of the kNN bank")] = 20_000,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of each class held out to measure score distributions")
@@ -156,9 +163,16 @@ def reference_build(
         classifier = repository.get(model, version)
         inputs, targets = read_reference_data(data, labels, label_column)
         spec = classifier.manifest.input
+        dtype = OIP_TO_NUMPY[spec.datatype]
         inputs, targets = fit_to_model(
-            inputs, targets, spec.shape[1:], OIP_TO_NUMPY[spec.datatype], classifier.class_names
+            inputs, targets, spec.shape[1:], dtype, classifier.class_names
         )
+        held_out, held_out_targets = None, None
+        if validation_data is not None:
+            raw, raw_targets = read_reference_data(validation_data, validation_labels, label_column)
+            held_out, held_out_targets = fit_to_model(
+                raw, raw_targets, spec.shape[1:], dtype, classifier.class_names
+            )
         profile = build_reference_profile(
             classifier,
             inputs,

@@ -87,12 +87,29 @@ def build_reference_profile(
     seed: int = 0,
     progress: ProgressWrapper = _no_progress,
     source: str = "",
+    validation_inputs: np.ndarray | None = None,
+    validation_labels: np.ndarray | None = None,
 ) -> ReferenceProfile:
+    """With `validation_inputs` (data the model was not trained on), the whole of `inputs`
+    is the kNN bank and the score distributions come from the validation data; without, each
+    class of `inputs` is split. Prefer validation data: on its own training data a model is
+    more confident than in production, which would skew every percentile."""
     if len(inputs) < 2:
         raise ValueError(f"reference data holds {len(inputs)} rows; at least 2 are needed")
     if labels is not None and len(labels) != len(inputs):
         raise ValueError(f"{len(labels)} labels for {len(inputs)} rows; expected one per row")
     rng = np.random.default_rng(seed)
+    n_main = len(inputs)
+    if validation_inputs is not None:
+        if validation_labels is not None and len(validation_labels) != len(validation_inputs):
+            raise ValueError(
+                f"{len(validation_labels)} validation labels for {len(validation_inputs)} rows"
+            )
+        if (labels is None) != (validation_labels is None):
+            raise ValueError("give labels for both the reference and the validation data, or none")
+        inputs = np.concatenate([inputs, validation_inputs.astype(inputs.dtype, copy=False)])
+        if labels is not None and validation_labels is not None:
+            labels = np.concatenate([labels, validation_labels])
     prediction = run_in_batches(model, inputs, batch_size, progress)
     predicted = prediction.probabilities.argmax(axis=1)
     strata = labels.astype(np.int64) if labels is not None else predicted
@@ -102,7 +119,10 @@ def build_reference_profile(
     source_kind = "embedding" if prediction.embedding is not None else STANDARDISED_INPUT
     embeddings = embedding_of(prediction, inputs, source_kind, mean, std)
 
-    bank, holdout = stratified_split(strata, holdout_fraction, rng)
+    if validation_inputs is None:
+        bank, holdout = stratified_split(strata, holdout_fraction, rng)
+    else:
+        bank, holdout = np.arange(n_main), np.arange(n_main, len(inputs))
     bank = stratified_subsample(bank, strata, max_embeddings, rng)
     k = default_k(len(bank))
     index = build_neighbour_index(embeddings[bank])
@@ -137,6 +157,9 @@ def build_reference_profile(
             "holdout_size": len(holdout),
             "seed": seed,
             "source": source,
-            "accuracy": None if labels is None else float((predicted == labels).mean()),
+            # On the held-out rows: accuracy on training data says little.
+            "accuracy": None
+            if labels is None
+            else float((predicted[holdout] == labels[holdout]).mean()),
         },
     )

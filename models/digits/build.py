@@ -232,13 +232,23 @@ def build(out_dir: Path, holdout_classes: Sequence[int] = ()) -> BuildResult:
 
 
 def write_reference(out_dir: Path, split: DigitsSplit, mlp: MLPClassifier) -> None:
-    """The reference profile from the training split, as `edgeharvest reference build` would."""
+    """The reference profile, as `edgeharvest reference build --validation-data` would: the
+    training split is the kNN bank, the held-out test split (of the trained classes) gives the
+    score distributions, since a model is over-confident on the data it was trained on."""
     manifest = Manifest.load(out_dir / "manifest.json")
     classifier = OnnxClassifier(manifest, out_dir, SessionConfig())
     class_index = {c: i for i, c in enumerate(mlp.classes_)}
     labels = np.asarray([class_index[c] for c in split.y_train], dtype=np.int64)
+    known = np.isin(split.y_test, mlp.classes_)
+    test_labels = np.asarray([class_index[c] for c in split.y_test[known]], dtype=np.int64)
     profile = build_reference_profile(
-        classifier, split.x_train.astype(np.float32), labels, seed=SEED, source="load_digits"
+        classifier,
+        split.x_train.astype(np.float32),
+        labels,
+        seed=SEED,
+        source="load_digits",
+        validation_inputs=split.x_test[known].astype(np.float32),
+        validation_labels=test_labels,
     )
     profile.save(out_dir / REFERENCE_FILE)
 
