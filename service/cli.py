@@ -182,6 +182,8 @@ def reference_build(
             seed=seed,
             source=data.name,
             progress=lambda items, total: tqdm(items, total=total, desc="inference", unit="batch"),
+            validation_inputs=held_out,
+            validation_labels=held_out_targets,
         )
     except (EdgeharvestError, ValueError) as exc:
         _fail(getattr(exc, "message", str(exc)))

@@ -113,3 +113,40 @@ def test_bad_reference_data_is_explained(tmp_path: Path) -> None:
         fit_to_model(np.zeros((3, 10)), None, [64], np.dtype(np.float32), ["a"])
     with pytest.raises(ReferenceDataError, match=r"labels \['cat'\] are not class names"):
         fit_to_model(np.zeros((1, 2)), np.array(["cat"]), [2], np.dtype(np.float32), ["a", "b"])
+
+
+def test_reference_build_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "train.npz", X=DIGITS.data[:1200], y=DIGITS.target[:1200])
+    np.savez(tmp_path / "val.npz", X=DIGITS.data[1200:], y=DIGITS.target[1200:])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "reference",
+            "build",
+            "--model",
+            "digits",
+            "--model-dir",
+            str(MODELS_DIR),
+            "--data",
+            str(tmp_path / "train.npz"),
+            "--validation-data",
+            str(tmp_path / "val.npz"),
+            "--output",
+            str(tmp_path / "ref.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kNN bank of 1200 embeddings (k=1), score distributions from 597 held-out rows" in (
+        result.stdout
+    )
+    profile = ReferenceProfile.load(tmp_path / "ref.npz")
+    assert profile.metadata["holdout_source"] == "validation data"
+    assert len(profile.score_distributions["novelty"]) == 597
