@@ -155,6 +155,7 @@ def build_reference_profile(
             "labelled": labels is not None,
             "bank_size": len(bank),
             "holdout_size": len(holdout),
+            "holdout_source": "validation data" if validation_inputs is not None else "split",
             "seed": seed,
             "source": source,
             # On the held-out rows: accuracy on training data says little.
