@@ -69,8 +69,11 @@ def encode_events(
     inputs = np.ascontiguousarray(batch, dtype=batch.dtype.newbyteorder("<"))
     input_shape = list(batch.shape[1:])
     events: list[EventFields] = []
-    for i in range(len(batch)):
-        event_id = new_event_id()
+    # One random id per batch, suffixed by the index: unique, and a uuid4 per row would cost
+    # more than the rest of the row's encoding.
+    batch_id = new_event_id()
+    for i, row in enumerate(scored.rows()):
+        event_id = f"{batch_id}-{i}"
         meta = {
             "id": event_id,
             "ts": timestamp,
@@ -78,7 +81,7 @@ def encode_events(
             "version": version,
             "request_id": request_id,
             "index": i,
-            **scored.row(i),
+            **row,
             "input_dtype": batch.dtype.name,
             "input_shape": input_shape,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from service.batch_histogram import BatchHistogram
 from service.scores import ScoredBatch
 
 LATENCY_BUCKETS = (
@@ -79,14 +80,15 @@ class ServiceMetrics:
             [*model, "class"],
             registry=registry,
         )
-        self.confidence = Histogram(
+        # Observed a batch at a time (see batch_histogram.py).
+        self.confidence = BatchHistogram(
             "edgeharvest_prediction_confidence",
             "Max class probability of each prediction.",
             model,
             buckets=CONFIDENCE_BUCKETS,
             registry=registry,
         )
-        self.novelty_percentile = Histogram(
+        self.novelty_percentile = BatchHistogram(
             "edgeharvest_prediction_novelty_percentile",
             "Novelty of each prediction as a percentile of the reference (0-100).",
             model,
@@ -213,12 +215,10 @@ class ModelMetrics:
             counts = np.bincount(np.minimum(scored.predicted, MAX_CLASS_LABELS))
             for index in np.flatnonzero(counts).tolist():
                 self._per_class[index].inc(int(counts[index]))
-        for value in scored.scores["max_probability"].tolist():
-            self.confidence.observe(value)
+        self.confidence.observe_many(scored.scores["max_probability"])
         novelty = scored.percentiles.get("novelty")
         if novelty is not None:
-            for value in novelty.tolist():
-                self.novelty_percentile.observe(value)
+            self.novelty_percentile.observe_many(novelty)
         low, novel = int(scored.low_confidence.sum()), int(scored.novel.sum())
         if low:
             self.low_confidence.inc(low)

@@ -89,8 +89,7 @@ def encode_predict_response(
         for row, probs in zip(rows, probabilities.tolist(), strict=True):
             row["probabilities"] = probs
     if scored is not None:
-        for i, row in enumerate(rows):
-            details = scored.row(i)
+        for row, details in zip(rows, scored.rows(), strict=True):
             row["scores"] = details["scores"]
             row["percentiles"] = details["percentiles"]
             row["flags"] = details["flags"]

@@ -64,6 +64,5 @@ async def handle_infer(
         tensors = {**tensors, **scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
         # one JSON string, and as typed tensors for clients that ask for them by name.
-        rows = [scored.row(i) for i in range(len(scored.predicted))]
-        parameters = {"scores": orjson.dumps(rows).decode()}
+        parameters = {"scores": orjson.dumps(scored.rows()).decode()}
     return encode_infer_response(model, parsed, tensors, parameters)

@@ -8,7 +8,8 @@ that score, measured on held-out reference data, so thresholds mean the same for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,7 @@ class ScoredBatch:
     percentiles: dict[str, np.ndarray]
     low_confidence: np.ndarray  # bool
     novel: np.ndarray  # bool
+    _rows: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Scores, percentiles and flags as tensors named like `score_output_names` says."""
@@ -154,14 +156,32 @@ class ScoredBatch:
             result["flag_novel"] = self.novel
         return result
 
-    def row(self, i: int) -> dict[str, object]:
-        """One instance as plain Python values (for JSON responses and events)."""
-        return {
-            "predicted": int(self.predicted[i]),
-            "scores": {k: float(v[i]) for k, v in self.scores.items()},
-            "percentiles": {k: float(v[i]) for k, v in self.percentiles.items()},
-            "flags": {"low_confidence": bool(self.low_confidence[i]), "novel": bool(self.novel[i])},
-        }
+    def rows(self) -> list[dict[str, Any]]:
+        """Every instance as plain Python values (for JSON responses and events), built once.
+
+        Columns are converted with `tolist()` (one C-level call each) rather than element by
+        element, and the result is cached: the response and the events share it.
+        """
+        if self._rows is not None:
+            return self._rows
+        scores = {k: v.tolist() for k, v in self.scores.items()}
+        percentiles = {k: v.tolist() for k, v in self.percentiles.items()}
+        low, novel = self.low_confidence.tolist(), self.novel.tolist()
+        rows = [
+            {
+                "predicted": predicted,
+                "scores": {k: v[i] for k, v in scores.items()},
+                "percentiles": {k: v[i] for k, v in percentiles.items()},
+                "flags": {"low_confidence": low[i], "novel": novel[i]},
+            }
+            for i, predicted in enumerate(self.predicted.tolist())
+        ]
+        self._rows = rows
+        return rows
+
+    def row(self, i: int) -> dict[str, Any]:
+        """One instance as plain Python values."""
+        return self.rows()[i]
 
 
 def score_output_names(has_logits: bool, has_reference: bool) -> list[str]:
