@@ -19,9 +19,11 @@ def event_stream(model: str, version: str) -> str:
     return f"{PREFIX}:{model_tag(model)}:{version}:events"
 
 
-def selector_budget(model: str, version: str, window_start: int) -> str:
-    """Items the selectors enqueued in the budget window starting at `window_start`."""
-    return f"{PREFIX}:{model_tag(model)}:{version}:budget:{window_start}"
+def selector_budget(model: str, version: str, window_start: int, lane: str = "") -> str:
+    """Items the selectors enqueued in the budget window starting at `window_start` (in one
+    lane, when `lane` is given)."""
+    suffix = f":{lane}" if lane else ""
+    return f"{PREFIX}:{model_tag(model)}:{version}:budget:{window_start}{suffix}"
 
 
 # ---- labeling queue: every queue key sits under `...:<version>:queue` ------------------------

@@ -349,10 +349,6 @@ class _Round:
         self._greedy(
             uncertain_order, self.uncertainty, self.targeted_budget - taken, UNCERTAIN_LANE
         )
-        # Targeted candidates never reached: blocked by their class if it is full.
-        full = [c for c, n in self.class_counts.items() if n >= self.class_quota]
-        waiting = np.isin(self.reasons, (_BUDGET, _LANE_CAP)) & np.isin(self.predicted, full)
-        self.reasons[waiting] = _CLASS_QUOTA
         self._random_lane(rng)
         return self.selections
 
@@ -402,6 +398,8 @@ class _Round:
             known_distance = float(to_known[j])
             self._pick(row, lane, priority, float(diversity[j]), known_distance)
             taken += 1
+            if taken == capacity:
+                break  # the rest count as over the lane's budget, not as blocked
             keep = np.arange(len(active)) != j
             active, to_known, to_chosen = active[keep], to_known[keep], to_chosen[keep]
             to_chosen = np.minimum(

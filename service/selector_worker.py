@@ -10,10 +10,12 @@ restart) claims them back with XAUTOCLAIM, and the replay neither loses nor dupl
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,8 @@ from service.label_queue import LabelQueue, QueueItem
 from service.redis_connection import SyncRedis
 from service.redis_keys import event_stream, selector_budget
 from service.selection_policy import (
+    NOVEL_LANE,
+    RANDOM_LANE,
     Candidate,
     Selection,
     SelectionConfig,
@@ -217,7 +221,7 @@ class SelectorWorker:
                 labeled_embeddings=known.vectors[known.labeled],
                 seen_hashes=seen,
                 budget=remaining,
-                config=self.config,
+                config=self._round_config(stream, now, remaining),
                 rng=self._rng,
             )
             by_id = {c.event_id: c for c in candidates}
@@ -227,7 +231,8 @@ class SelectorWorker:
             ]
             if items:
                 outcome_enqueued = queue.enqueue(items, now)
-                self._spend_budget(stream, now, outcome_enqueued)
+                lanes = Counter(item.lane for item in items)
+                self._spend_budget(stream, now, outcome_enqueued, lanes)
             self.metrics.observe_round(stream.model, stream.version, outcome, outcome_enqueued)
         # Acknowledged only now that the round's picks are stored.
         self.redis.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
@@ -239,14 +244,50 @@ class SelectorWorker:
         used = self.redis.get(selector_budget(stream.model, stream.version, window))
         return self.budget.remaining(now, int(used or 0), window)
 
-    def _spend_budget(self, stream: ModelStream, now: float, count: int) -> None:
+    def _round_config(self, stream: ModelStream, now: float, remaining: int) -> SelectionConfig:
+        """The policy's config for this round, with the novel lane's cap applied per window.
+
+        The policy caps the novel lane at a share of the budget it is given; rounds are often
+        small (a quiet stream delivers a few events at a time), so without this the cap would
+        apply per round and a trickle of junk would fill the window's budget round by round.
+        """
+        window = self.budget.window_start(now)
+        shares = {}
+        for lane, share in self._capped_lanes():
+            window_cap = math.floor(share * self.budget.per_window)
+            key = selector_budget(stream.model, stream.version, window, lane=lane)
+            left = max(0, window_cap - int(self.redis.get(key) or 0))
+            shares[lane] = 0.0 if remaining <= 0 else min(share, left / remaining)
+        return replace(
+            self.config,
+            novel_lane_share=shares[NOVEL_LANE],
+            random_lane_share=shares[RANDOM_LANE],
+        )
+
+    def _capped_lanes(self) -> list[tuple[str, float]]:
+        # The random lane is capped too: in small rounds it would otherwise sample nearly
+        # every event instead of a small unbiased share.
+        return [
+            (NOVEL_LANE, self.config.novel_lane_share),
+            (RANDOM_LANE, self.config.random_lane_share),
+        ]
+
+    def _spend_budget(
+        self, stream: ModelStream, now: float, count: int, lanes: Counter[str]
+    ) -> None:
         if count <= 0:
             return
-        key = selector_budget(stream.model, stream.version, self.budget.window_start(now))
+        window = self.budget.window_start(now)
         pipe: Any = self.redis.pipeline(transaction=True)
-        pipe.incrby(key, count)
-        # The counter outlives its window by one window, then expires.
-        pipe.expire(key, 2 * self.budget.window_seconds)
+        counters = [(selector_budget(stream.model, stream.version, window), count)]
+        counters += [
+            (selector_budget(stream.model, stream.version, window, lane=lane), lanes[lane])
+            for lane, _ in self._capped_lanes()
+        ]
+        for key, amount in counters:
+            pipe.incrby(key, amount)
+            # The counter outlives its window by one window, then expires.
+            pipe.expire(key, 2 * self.budget.window_seconds)
         pipe.execute()
 
 

@@ -70,7 +70,8 @@ def test_claimed_items_are_rendered_for_a_person(client: TestClient) -> None:
 
 def test_label_skip_discard_and_the_queue_state(client: TestClient) -> None:
     before = client.get(f"{Q}/stats").json()
-    assert before["queued"] == 40
+    queued = before["queued"]
+    assert 20 <= queued <= 40  # the budget is an upper bound
     first, second, third = claim(client, "alice", 3)
     body = {"token": first["token"], "labeler": "alice", "label": "3"}
     labeled = client.post(f"{Q}/items/{first['item_id']}/label", json=body)
@@ -99,12 +100,12 @@ def test_label_skip_discard_and_the_queue_state(client: TestClient) -> None:
     )
     assert discarded.status_code == 200
     after = client.get(f"{Q}/stats").json()
-    assert after["queued"] == 38 and after["labeled"] == 1 and after["discarded"] == 1
+    assert after["queued"] == queued - 2 and after["labeled"] == 1 and after["discarded"] == 1
     assert after["leased"] == 0 and after["labeled_last_hour"] == 1
     state = client.get(f"{Q}/items/{third['item_id']}").json()
     assert state["state"] == "discarded" and state["discard"]["reason"] == "junk"
     # The skipped item goes to someone else, never back to alice.
-    alice_ids = {i["item_id"] for i in claim(client, "alice", 38)}
+    alice_ids = {i["item_id"] for i in claim(client, "alice", queued)}
     assert second["item_id"] not in alice_ids
     exported = [json.loads(line) for line in client.get(f"{Q}/export.jsonl").text.splitlines()]
     assert [(e["item_id"], e["label"], e["label_index"]) for e in exported] == [
@@ -134,7 +135,7 @@ def test_label_studio_round_trip(client: TestClient) -> None:
     config = client.get(f"{Q}/export/label-studio/config.xml")
     assert config.text.startswith('<View><Image name="image" value="$image"/>')
     tasks = client.get(f"{Q}/export/label-studio").json()
-    assert len(tasks) == 40
+    assert len(tasks) == client.get(f"{Q}/stats").json()["queued"] > 0
     task = tasks[0]
     assert task["data"]["image"].startswith("data:image/png;base64,")
     prediction = task["predictions"][0]["result"][0]
@@ -213,11 +214,14 @@ def test_errors_say_what_was_wrong(
 def test_versioned_paths(client: TestClient) -> None:
     stats = client.get("/v1/models/digits/versions/1/queue/stats")
     assert stats.status_code == 200
-    assert stats.json()["queued"] == 40
+    assert stats.json() == client.get(f"{Q}/stats").json() | {
+        "oldest_queued_age_seconds": stats.json()["oldest_queued_age_seconds"]
+    }
     assert np.isfinite(stats.json()["oldest_queued_age_seconds"])
 
 
 def test_queue_metrics_are_read_from_redis_at_scrape(client: TestClient) -> None:
+    queued = client.get(f"{Q}/stats").json()["queued"]
     first, _second = claim(client, "alice", 2)
     client.post(
         f"{Q}/items/{first['item_id']}/label",
@@ -225,7 +229,10 @@ def test_queue_metrics_are_read_from_redis_at_scrape(client: TestClient) -> None
     )
     text = client.get("/metrics").text
     assert 'edgeharvest_label_queue_up{model="digits",version="1"} 1.0' in text
-    assert 'edgeharvest_label_queue_items{model="digits",state="queued",version="1"} 38.0' in text
+    assert (
+        f'edgeharvest_label_queue_items{{model="digits",state="queued",version="1"}} {queued - 2}.0'
+        in text
+    )
     assert 'edgeharvest_label_queue_items{model="digits",state="leased",version="1"} 1.0' in text
     assert 'edgeharvest_label_queue_items{model="digits",state="labeled",version="1"} 1.0' in text
     assert 'edgeharvest_label_queue_labeled_last_hour{model="digits",version="1"} 1.0' in text

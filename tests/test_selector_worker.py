@@ -195,3 +195,19 @@ def test_worker_stops_on_sigterm(redis_url: str) -> None:
     assert "selector processed 0 events" in err
     with redis.Redis.from_url(redis_url) as r:
         assert r.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
+
+
+def test_junk_trickling_in_small_rounds_cannot_fill_the_budget(
+    redis_url: str, client: redis.Redis
+) -> None:
+    """The novel and random lanes' caps hold per budget window, not per round."""
+    rng = np.random.default_rng(5)
+    worker = make_worker(client, budget=50)  # novel lane: 10% of 50 = 5 per window
+    worker.ensure_groups()
+    for _ in range(30):
+        send_traffic(redis_url, rng.uniform(0, 16, size=(2, 64)).astype(np.float32))
+        worker.run(burst=True)
+    stats = LabelQueue(client, "digits", "1").stats(time.time())
+    assert stats.queued_by_lane.get("novel", 0) == 5
+    assert stats.queued_by_lane.get("random", 0) <= 5
+    assert stats.queued <= 10 + stats.queued_by_lane.get("uncertain", 0)
