@@ -44,7 +44,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -93,7 +93,7 @@ class SelectionConfig:
     max_class_share: float = 0.5
     # Euclidean distances between unit embeddings (0 to 2).
     dedup_distance: float = 0.02
-    diversity_radius: float = 0.2
+    diversity_radius: float = 0.4
     # Without a margin percentile (no reference profile): uncertain when raw margin <= this.
     fallback_max_margin: float = 0.2
     # The greedy of a lane looks at this many times its budget of the most uncertain candidates.
@@ -350,7 +350,12 @@ class _Round:
             uncertain_order, self.uncertainty, self.targeted_budget - taken, UNCERTAIN_LANE
         )
         self._random_lane(rng)
-        return self.selections
+        # Nearest labeled neighbour of every pick in one product.
+        to_labeled = _min_distances(self.embeddings[self.picked], self.labeled)
+        return [
+            replace(s, nearest_labeled_distance=float(d)) if math.isfinite(d) else s
+            for s, d in zip(self.selections, to_labeled.tolist(), strict=True)
+        ]
 
     @staticmethod
     def _order(mask: npt.NDArray[np.bool_], key: np.ndarray) -> IndexArray:
@@ -447,16 +452,13 @@ class _Round:
         self.reasons[row] = _SELECTED
         if lane != RANDOM_LANE:
             self.class_counts[int(self.predicted[row])] += 1
-        labeled_distance = _min_distances(self.embeddings[row : row + 1], self.labeled)[0]
         self.selections.append(
             Selection(
                 event_id=event.event_id,
                 lane=lane,
                 rule=self._rule(row, lane),
                 priority=priority,
-                nearest_labeled_distance=(
-                    float(labeled_distance) if math.isfinite(labeled_distance) else None
-                ),
+                nearest_labeled_distance=None,  # filled in for all picks at the end
                 reasons={
                     "predicted": event.predicted,
                     "scores": {k: float(v) for k, v in event.scores.items()},
