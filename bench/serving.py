@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -385,11 +386,19 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def children_cpu_seconds() -> float:
+    """CPU time of this process's reaped children: wrk, once `subprocess.run` has waited."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass(frozen=True)
 class Measurement:
     wrk: WrkResult
     # CPU time of the server's process tree while wrk ran, divided by the requests it served.
     server_cpu_us_per_request: float
+    # Share of all CPUs' time, while wrk ran, used by processes outside this benchmark.
+    other_load_share: float
 
 
 def measure(
@@ -424,12 +433,24 @@ def measure(
         url = base_url + contender.path
         check_answer(contender, url, expected)
         run_wrk(url, script, load, WARM_UP_SECONDS, pinning)
-        cpu_before = tree_cpu_seconds(process.pid)
+        # Ours: this script's process tree (the server, a separate Redis) plus wrk once reaped.
+        machine_before = _cpu_times()
+        ours_before = tree_cpu_seconds(os.getpid()) + children_cpu_seconds()
+        server_before = tree_cpu_seconds(process.pid)
         result = run_wrk(url, script, load, load.duration, pinning)
-        cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
+        server_seconds = tree_cpu_seconds(process.pid) - server_before
+        ours = tree_cpu_seconds(os.getpid()) + children_cpu_seconds() - ours_before
+        machine_after = _cpu_times()
     finally:
         stop(process)
-    return Measurement(result, cpu_seconds / max(result.requests, 1) * 1e6)
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    total = (machine_after[1] - machine_before[1]) / clock_ticks
+    busy = total - (machine_after[0] - machine_before[0]) / clock_ticks
+    return Measurement(
+        wrk=result,
+        server_cpu_us_per_request=server_seconds / max(result.requests, 1) * 1e6,
+        other_load_share=max(busy - ours, 0.0) / total if total else 0.0,
+    )
 
 
 def expected_classes(rows: np.ndarray) -> list[int]:
@@ -505,6 +526,7 @@ def summarise(
         "errors": result.errors,
         **asdict(result),
         "server_cpu_us_per_request": round(measurement.server_cpu_us_per_request, 1),
+        "other_load_share": round(measurement.other_load_share, 3),
         "requests_per_second_ratio": _ratio(
             result.requests_per_second, baseline.wrk.requests_per_second
         ),
@@ -520,6 +542,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         name = row["name"] if row["valid"] else f"{row['name']} **INVALID**"
+        if row["other_load_share"] > BUSY_WARNING_SHARE:
+            name += f" (noisy: {row['other_load_share']:.0%} other load)"
         lines.append(
             f"| {name} | {row['requests_per_second']:,.0f} | {row['latency_ms']['50']:.2f} "
             f"| {row['latency_ms']['99']:.2f} | {row['requests_per_second_ratio']:.2f}x "
@@ -651,6 +675,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for error in result.wrk.errors:
                 print(f"    wrk saw {error}: this run is INVALID", flush=True)
+            if result.other_load_share > BUSY_WARNING_SHARE:
+                print(
+                    f"    other processes used {result.other_load_share:.0%} of the CPUs "
+                    "meanwhile: these figures are noisy",
+                    flush=True,
+                )
             results.append(result)
 
     rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
