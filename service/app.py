@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from service import __version__
 from service.dataplane import DataPlane
-from service.embedded_redis import EmbeddedRedis
+from service.embedded_redis import redis_url_or_embedded
 from service.errors import EdgeharvestError
 from service.event_log import EventLog
 from service.fast_routes import FastPredictionRoutes
@@ -103,11 +103,7 @@ def create_app(
         sync_redis = None
         queue_collector = None
         if settings.monitoring_enabled or settings.redis_url is not None:
-            url = settings.redis_url
-            if url is None:
-                embedded = EmbeddedRedis(settings.data_dir)
-                url = embedded.start()
-                logger.info("embedded Redis at %s", url)
+            url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
             connection = {
                 "max_connections": settings.redis_max_connections,
                 "socket_timeout": settings.redis_socket_timeout,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from service.errors import EdgeharvestError, ModelLoadError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(
     help="edgeharvest: serve an ONNX classifier, watch it, harvest its edge cases.",
@@ -20,6 +23,12 @@ manifest_app = typer.Typer(help="Create and check model manifests.", no_args_is_
 app.add_typer(manifest_app, name="manifest")
 reference_app = typer.Typer(help="Build reference profiles.", no_args_is_help=True)
 app.add_typer(reference_app, name="reference")
+
+
+def _settings(model_dir: Path | None) -> Settings:
+    from service.settings import Settings
+
+    return Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
 
 
 def _fail(message: str) -> None:
@@ -72,9 +81,8 @@ def check(
     """Load every model in the repository as `serve` would, and report what it serves."""
     from service.app import session_config
     from service.model_repository import ModelRepository
-    from service.settings import Settings
 
-    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    settings = _settings(model_dir)
     try:
         repository = ModelRepository.from_directory(settings.model_dir, session_config(settings))
     except ModelLoadError as exc:
@@ -153,9 +161,8 @@ def reference_build(
     from service.reference_builder import build_reference_profile
     from service.reference_data import fit_to_model, read_reference_data
     from service.reference_profile import REFERENCE_FILE
-    from service.settings import Settings
 
-    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    settings = _settings(model_dir)
     try:
         repository = ModelRepository.from_directory(
             settings.model_dir, session_config(settings), load_references=False
@@ -216,25 +223,20 @@ def select(
 
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import redis_url_or_embedded
     from service.model_repository import ModelRepository
     from service.redis_connection import create_redis
     from service.selection_policy import WindowBudget
     from service.selector_worker import ModelStream, SelectorWorker, selection_config
-    from service.settings import Settings
     from service.worker_metrics import WorkerMetrics
 
-    settings = Settings(**({"model_dir": model_dir} if model_dir else {}))  # type: ignore[arg-type]
+    settings = _settings(model_dir)
     try:
         manifests = ModelRepository.find_manifests(settings.model_dir)
         config = selection_config(settings.selection)
     except (EdgeharvestError, ValueError) as exc:
         _fail(getattr(exc, "message", str(exc)))
-    embedded = None
-    url = settings.redis_url
-    if url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        url = embedded.start()
+    url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
     registry = CollectorRegistry()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=registry)
@@ -281,16 +283,14 @@ def run(
     import os
     import subprocess
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import redis_url_or_embedded
     from service.settings import Settings
 
     settings = Settings()
+    url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
+    # The API (this process) and the worker both use it.
+    os.environ["EDGEHARVEST_REDIS_URL"] = url
     env = dict(os.environ)
-    embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        env["EDGEHARVEST_REDIS_URL"] = embedded.start()
-        os.environ["EDGEHARVEST_REDIS_URL"] = env["EDGEHARVEST_REDIS_URL"]
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "select"], env=env)]
     try:
         serve(host=host, port=port, model_dir=None)

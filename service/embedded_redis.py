@@ -257,3 +257,12 @@ class EmbeddedRedis:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def redis_url_or_embedded(url: str | None, data_dir: Path) -> tuple[str, EmbeddedRedis | None]:
+    """The configured URL, or the embedded server's (started, or reused if already running)
+    with the instance to stop at shutdown."""
+    if url is not None:
+        return url, None
+    embedded = EmbeddedRedis(data_dir)
+    return embedded.start(), embedded

@@ -283,7 +283,9 @@ def _checked_matrix(name: str, matrix: np.ndarray, dim: int) -> FloatArray:
         return np.empty((0, dim), dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] != dim:
         raise ValueError(f"{name} must have shape (n, {dim}) like the embeddings, got {rows.shape}")
-    return rows
+    # A row holding NaN or inf is at no distance from anything; it can only poison the minimum.
+    finite = np.isfinite(rows).all(axis=1)
+    return rows if finite.all() else rows[finite]
 
 
 class _Round:

@@ -525,3 +525,15 @@ def test_every_event_is_accounted_for_once() -> None:
     assert outcome.skipped["duplicate_hash"] == 20
     assert len(outcome.selected) == 10
     assert len({s.event_id for s in outcome.selected}) == 10
+
+
+def test_unused_novel_slots_go_to_the_uncertain_lane() -> None:
+    events = [candidate(f"u{i}", 40 * i, margin=0.1 * i) for i in range(6)]
+    outcome = run(events, budget=5, config=with_config(novel_lane_share=0.2))
+    assert ids(outcome) == ["u0", "u1", "u2", "u3", "u4"]
+
+
+def test_known_rows_with_nan_are_ignored() -> None:
+    known = np.vstack([rows(0), np.full((1, 2), np.nan, dtype=np.float32)])
+    outcome = run([candidate("a", 90)], budget=1, known=known)
+    assert outcome.selected[0].reasons["nearest_known_distance"] == pytest.approx(apart(90))
