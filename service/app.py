@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 from threadpoolctl import threadpool_limits
 
 from service import __version__
@@ -134,7 +135,7 @@ def create_app(
             if embedded is not None:
                 embedded.stop()
 
-    app = FastAPI(
+    app = EdgeharvestApp(
         title="edgeharvest",
         version=__version__,
         description="Serves ONNX classifiers over the Open Inference Protocol and watches them.",
@@ -151,10 +152,19 @@ def create_app(
     app.include_router(labeling.router)
     app.include_router(observability.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
-    # Added last, so outermost: prediction traffic skips the framework (see fast_routes.py).
-    app.add_middleware(FastPredictionRoutes, dataplane=dataplane)
     install_error_handlers(app)
     return app
+
+
+class EdgeharvestApp(FastAPI):
+    """FastAPI with the prediction fast path in front of its whole middleware stack.
+
+    `add_middleware` would still place it inside FastAPI's own error, telemetry and body-limit
+    middleware, a few microseconds per request; the fast path handles its own errors.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return FastPredictionRoutes(super().build_middleware_stack(), self.state.dataplane)
 
 
 def _error(status: int, message: str) -> JSONResponse:

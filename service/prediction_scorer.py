@@ -10,10 +10,10 @@ from service.reference_profile import ReferenceProfile
 from service.scores import (
     NOVELTY_SCORE,
     FlagThresholds,
-    PercentileTable,
     ScoredBatch,
     confidence_scores,
     flag,
+    percentile_in,
 )
 
 STANDARDISED_INPUT = "standardised_input"
@@ -41,7 +41,6 @@ class PredictionScorer:
         self.profile = profile
         self.index = index
         self.thresholds = thresholds
-        self._percentiles = PercentileTable(profile.score_distributions)
 
     def embed(self, prediction: Prediction, batch: np.ndarray) -> np.ndarray:
         p = self.profile
@@ -52,7 +51,12 @@ class PredictionScorer:
         embeddings = self.embed(prediction, batch)
         scores = confidence_scores(prediction.probabilities, prediction.logits)
         scores[NOVELTY_SCORE] = self.index.kth_distance(embeddings, self.profile.k)
-        percentiles = self._percentiles.percentiles(scores)
+        distributions = self.profile.score_distributions
+        percentiles = {
+            name: percentile_in(values, distributions[name])
+            for name, values in scores.items()
+            if name in distributions
+        }
         low, novel = flag(percentiles, self.thresholds, len(batch))
         predicted = prediction.probabilities.argmax(axis=1)
         return ScoredBatch(predicted, scores, percentiles, low, novel), embeddings

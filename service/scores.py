@@ -81,45 +81,6 @@ def percentile_in(values: np.ndarray, sorted_reference: np.ndarray) -> np.ndarra
     return result
 
 
-class PercentileTable:
-    """Percentiles of several scores at once, against reference samples of equal length.
-
-    The same numbers as `percentile_in` score by score, in a handful of array operations for
-    the whole batch: on the request path, numpy's per-call overhead outweighs the arithmetic.
-    """
-
-    # Above this many comparisons, binary search per score is cheaper than broadcasting.
-    BROADCAST_LIMIT = 1 << 16
-
-    def __init__(self, distributions: dict[str, np.ndarray]) -> None:
-        self.names = sorted(distributions)
-        lengths = {len(v) for v in distributions.values()}
-        self._sorted = distributions
-        self._n = lengths.pop() if len(lengths) == 1 else 0
-        self._stacked = (
-            np.stack([distributions[n] for n in self.names]).astype(np.float32)[:, None, :]
-            if self._n
-            else None
-        )
-
-    def percentiles(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [n for n in self.names if n in scores]
-        if not names:
-            return {}
-        size = len(scores[names[0]])
-        stacked = self._stacked
-        if (
-            stacked is None
-            or len(names) != len(self.names)
-            or size * self._n * len(names) > self.BROADCAST_LIMIT
-        ):
-            return {n: percentile_in(scores[n], self._sorted[n]) for n in names}
-        values = np.stack([scores[n] for n in names]).astype(np.float32)[:, :, None]
-        ranks = (stacked < values).sum(axis=2) + (stacked <= values).sum(axis=2)
-        table = (ranks * (50.0 / self._n)).astype(np.float32)
-        return dict(zip(names, table, strict=True))
-
-
 @dataclass(frozen=True)
 class FlagThresholds:
     """Percentiles of the reference at which a prediction is flagged."""

@@ -102,20 +102,3 @@ def test_no_reference_never_flags() -> None:
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ValueError, match=r"novel_percentile must be within \[0, 100\], got 101"):
         FlagThresholds(novel_percentile=101)
-
-
-def test_percentile_table_matches_percentile_in_exactly() -> None:
-    from service.scores import PercentileTable
-
-    rng = np.random.default_rng(3)
-    distributions = {name: np.sort(rng.random(50).astype(np.float32)) for name in "abc"}
-    distributions["a"][10:20] = distributions["a"][10]  # ties
-    table = PercentileTable(distributions)
-    for size in (1, 7, 2000):  # broadcast path and binary-search path
-        scores = {name: rng.random(size).astype(np.float32) for name in "abc"}
-        scores["a"][0] = distributions["a"][10]
-        got = table.percentiles(scores)
-        for name in "abc":
-            np.testing.assert_array_equal(
-                got[name], percentile_in(scores[name], distributions[name])
-            )
