@@ -14,6 +14,10 @@ from service.errors import EdgeharvestError, ModelLoadError
 if TYPE_CHECKING:
     from service.settings import Settings
 
+ModelDirOption = Annotated[
+    Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
+]
+
 app = typer.Typer(
     help="edgeharvest: serve an ONNX classifier, watch it, harvest its edge cases.",
     no_args_is_help=True,
@@ -40,9 +44,7 @@ def _fail(message: str) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
-    model_dir: Annotated[
-        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
-    ] = None,
+    model_dir: ModelDirOption = None,
 ) -> None:
     """Start the HTTP service (Open Inference Protocol on /v2, simple JSON on /v1)."""
     import uvicorn
@@ -74,9 +76,7 @@ def serve(
 
 @app.command()
 def check(
-    model_dir: Annotated[
-        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
-    ] = None,
+    model_dir: ModelDirOption = None,
 ) -> None:
     """Load every model in the repository as `serve` would, and report what it serves."""
     from service.app import session_config
@@ -145,9 +145,7 @@ def reference_build(
         float, typer.Option(help="Share of each class held out to measure score distributions")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Random seed of the split and subsample")] = 0,
-    model_dir: Annotated[
-        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
-    ] = None,
+    model_dir: ModelDirOption = None,
     output: Annotated[
         Path | None, typer.Option(help="Where to write (default: reference.npz by the model)")
     ] = None,
@@ -212,9 +210,7 @@ def select(
     consumer: Annotated[
         str | None, typer.Option(help="Consumer name in the group (default: host-pid)")
     ] = None,
-    model_dir: Annotated[
-        Path | None, typer.Option(help="Model repository [EDGEHARVEST_MODEL_DIR]")
-    ] = None,
+    model_dir: ModelDirOption = None,
 ) -> None:
     """Run a selector worker: events -> selection policy -> labeling queue."""
     import os

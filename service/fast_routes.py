@@ -21,6 +21,7 @@ from service.dataplane import DataPlane
 from service.errors import EdgeharvestError
 from service.http_body import read_limited_body
 from service.prediction_handlers import handle_infer, handle_predict
+from service.request_metrics import model_labels
 
 logger = logging.getLogger("edgeharvest")
 
@@ -91,11 +92,7 @@ class FastPredictionRoutes:
     def _record(
         self, name: str, version: str | None, endpoint: str, status: int, start: float
     ) -> None:
-        try:
-            model = self.dataplane.model(name, version)
-            labels = (model.name, model.version)
-        except EdgeharvestError:
-            labels = ("unknown", "unknown")
-        metrics = self.dataplane.metrics
-        metrics.requests.labels(*labels, endpoint, str(status)).inc()
-        metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - start)
+        labels = model_labels(self.dataplane.repository, name, version)
+        self.dataplane.metrics.record_request(
+            *labels, endpoint, status, time.perf_counter() - start
+        )

@@ -165,6 +165,12 @@ class ServiceMetrics:
         self.reference_loaded.labels(name, version).set(1 if has_reference else 0)
         self._bound[(name, version)] = ModelMetrics(self, name, version, class_names)
 
+    def record_request(
+        self, model: str, version: str, endpoint: str, status: int, seconds: float
+    ) -> None:
+        self.requests.labels(model, version, endpoint, str(status)).inc()
+        self.request_duration.labels(model, version, endpoint).observe(seconds)
+
     def for_model(self, name: str, version: str) -> ModelMetrics:
         """The series of one model version, bound once: `labels()` costs a few us per call."""
         return self._bound[(name, version)]

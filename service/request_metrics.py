@@ -11,10 +11,24 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import EdgeharvestError
 from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
 
 UNKNOWN = "unknown"
+
+
+def model_labels(
+    repository: ModelRepository, name: str | None, version: str | None
+) -> tuple[str, str]:
+    """Model and version labels of a request: unknown names never become new label values."""
+    if name is None:
+        return "", ""
+    try:
+        model = repository.get(name, version)
+    except EdgeharvestError:
+        return UNKNOWN, UNKNOWN
+    return model.name, model.version
 
 
 class RequestMetricsMiddleware:
@@ -22,19 +36,6 @@ class RequestMetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.repository = repository
-
-    def _labels(self, scope: Scope) -> tuple[str, str, str]:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        params = scope.get("path_params") or {}
-        name = params.get("name")
-        if name is None:
-            return "", "", endpoint
-        try:
-            model = self.repository.get(name, params.get("version"))
-        except Exception:
-            return UNKNOWN, UNKNOWN, endpoint
-        return model.name, model.version, endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +60,7 @@ class RequestMetricsMiddleware:
                 self._record(scope, status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        name, version, endpoint = self._labels(scope)
-        self.metrics.requests.labels(name, version, endpoint, str(status)).inc()
-        self.metrics.request_duration.labels(name, version, endpoint).observe(seconds)
+        endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+        params = scope.get("path_params") or {}
+        labels = model_labels(self.repository, params.get("name"), params.get("version"))
+        self.metrics.record_request(*labels, endpoint, status, seconds)

@@ -40,8 +40,8 @@ _INFER_OPENAPI = {
     "/models/{name}/versions/{version}/infer", summary="Inference", openapi_extra=_INFER_OPENAPI
 )
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    # Documents the endpoint and serves it when the fast path is off; `fast_routes.py` takes
-    # the traffic otherwise. Both call the same handler.
+    # Documents the endpoint in OpenAPI. `fast_routes.py`, in front of the app, answers every
+    # request to this path with the same handler, so this body only runs if that is removed.
     dataplane = _dataplane(request)
     body = await read_limited_body(
         request.stream(), request.headers, dataplane.settings.max_body_bytes
