@@ -47,6 +47,16 @@ class DataPlane:
         self.settings = settings
         self.metrics = metrics
         self.monitor = monitor
+        # Fixed per model version; every inference request asks for them.
+        self._score_outputs = {
+            (m.name, m.version): []
+            if monitor is None
+            else score_output_names(
+                m.manifest.outputs.logits is not None,
+                (m.name, m.version) in repository.references,
+            )
+            for m in repository
+        }
         for model in repository:
             metrics.register_model(
                 model.name,
@@ -89,10 +99,7 @@ class DataPlane:
 
     def score_outputs(self, model: OnnxClassifier) -> list[str]:
         """Extra OIP outputs (scores, percentiles, flags) served when asked for by name."""
-        if self.monitor is None:
-            return []
-        has_reference = (model.name, model.version) in self.repository.references
-        return score_output_names(model.manifest.outputs.logits is not None, has_reference)
+        return self._score_outputs[(model.name, model.version)]
 
     async def predict(
         self, model: OnnxClassifier, batch: np.ndarray, request_id: str
