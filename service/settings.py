@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,5 +84,21 @@ class Settings(BaseSettings):
     selection: dict[str, float] = Field(default_factory=dict)
     # Labeling: how long a claimed item stays leased without a heartbeat.
     label_lease_seconds: float = Field(default=600.0, gt=0)
+    # Drift worker: tumbling windows of this many events (or, if drift_window_seconds is set,
+    # of that much event time) are tested against the reference profile.
+    drift_window_size: int = Field(default=1000, ge=10)
+    drift_window_seconds: float | None = Field(default=None, gt=0)
+    # A time window closes this long after its end, so late events from slow replicas count.
+    drift_window_grace_seconds: float = Field(default=10.0, ge=0)
+    # Window results kept per model version (GET /v1/models/{name}/drift, the report).
+    drift_history_size: int = Field(default=200, ge=1)
+    drift_round_size: int = Field(default=500, ge=1)
+    drift_block_ms: int = Field(default=1000, ge=1)
+    drift_claim_idle_seconds: float = Field(default=60.0, gt=0)
+    # Overrides of the window evaluator's config, as JSON, e.g.
+    # EDGEHARVEST_DRIFT='{"alpha": 0.001, "consecutive_windows": 3}'; the keys are the fields
+    # of service.drift_detectors.DriftConfig.
+    drift: dict[str, Any] = Field(default_factory=dict)
+
     # Port of a worker's own /metrics (0: none).
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
