@@ -16,6 +16,8 @@ from threadpoolctl import threadpool_limits
 
 from service import __version__
 from service.dataplane import DataPlane
+from service.drift_desk import DriftDesk
+from service.drift_metrics import DriftCollector
 from service.embedded_redis import redis_url_or_embedded
 from service.errors import EdgeharvestError
 from service.event_log import EventLog
@@ -30,7 +32,7 @@ from service.prediction_scorer import PredictionScorer
 from service.queue_metrics import LabelQueueCollector
 from service.redis_connection import create_async_redis, create_redis
 from service.request_metrics import RequestMetricsMiddleware
-from service.routers import inference_protocol, labeling, observability, predict
+from service.routers import drift, inference_protocol, labeling, observability, predict
 from service.scores import FlagThresholds
 from service.settings import Settings
 
@@ -102,7 +104,7 @@ def create_app(
         embedded = None
         redis = None
         sync_redis = None
-        queue_collector = None
+        collectors = []
         if settings.monitoring_enabled or settings.redis_url is not None:
             url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
             connection = {
@@ -114,8 +116,14 @@ def create_app(
             sync_redis = create_redis(url, **connection)  # type: ignore[arg-type]
             desk = LabelDesk(repository, sync_redis, settings.label_lease_seconds)
             app.state.label_desk = desk
-            queue_collector = LabelQueueCollector(lambda: desk.queues)
-            registry.register(queue_collector)
+            drift_desk = DriftDesk(repository, sync_redis)
+            app.state.drift_desk = drift_desk
+            collectors = [
+                LabelQueueCollector(lambda: desk.queues),
+                DriftCollector(lambda: drift_desk.stores),
+            ]
+            for collector in collectors:
+                registry.register(collector)
             if event_log is not None:
                 redis = create_async_redis(url, **connection)  # type: ignore[arg-type]
                 await event_log.start(redis)
@@ -123,9 +131,10 @@ def create_app(
         try:
             yield
         finally:
-            if queue_collector is not None:
-                registry.unregister(queue_collector)
+            for collector in collectors:
+                registry.unregister(collector)
             app.state.label_desk = None
+            app.state.drift_desk = None
             if event_log is not None:
                 await event_log.stop()
             if redis is not None:
@@ -146,10 +155,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.event_log = event_log
     app.state.label_desk = None  # set once Redis is connected
+    app.state.drift_desk = None  # set once Redis is connected
     # Routes are matched in order: the prediction routes go first, they take the traffic.
     app.include_router(predict.router)
     app.include_router(inference_protocol.router)
     app.include_router(labeling.router)
+    app.include_router(drift.router)
     app.include_router(observability.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
     install_error_handlers(app)

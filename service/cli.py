@@ -12,6 +12,12 @@ import typer
 from service.errors import EdgeharvestError, ModelLoadError
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from service.drift_worker import DriftWorker
+    from service.embedded_redis import EmbeddedRedis
+    from service.redis_connection import SyncRedis
+    from service.selector_worker import SelectorWorker
     from service.settings import Settings
 
 ModelDirOption = Annotated[
@@ -202,26 +208,72 @@ def reference_build(
     )
 
 
+def _worker_redis(settings: Settings, block_ms: int) -> tuple[SyncRedis, EmbeddedRedis | None]:
+    from service.embedded_redis import redis_url_or_embedded
+    from service.redis_connection import create_redis
+
+    url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
+    client = create_redis(
+        url,
+        max_connections=4,
+        # Longer than a blocking read, so a quiet stream is not mistaken for a dead server.
+        socket_timeout=settings.redis_socket_timeout + block_ms / 1000,
+        cluster=settings.redis_cluster or None,
+    )
+    return client, embedded
+
+
+def _run_worker(
+    worker: SelectorWorker | DriftWorker,
+    client: SyncRedis,
+    embedded: EmbeddedRedis | None,
+    burst: bool,
+) -> int:
+    """Run until SIGTERM/SIGINT (or, with `burst`, until drained); then close everything."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop())
+    try:
+        return worker.run(burst=burst)
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _consumer_name(consumer: str | None) -> str:
+    import os
+    import socket
+
+    return consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _worker_registry(settings: Settings) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=registry)
+    return registry
+
+
+BurstOption = Annotated[
+    bool, typer.Option("--burst", help="Exit once every event stream is drained")
+]
+ConsumerOption = Annotated[
+    str | None, typer.Option(help="Consumer name in the group (default: host-pid)")
+]
+
+
 @app.command()
 def select(
-    burst: Annotated[
-        bool, typer.Option("--burst", help="Exit once every event stream is drained")
-    ] = False,
-    consumer: Annotated[
-        str | None, typer.Option(help="Consumer name in the group (default: host-pid)")
-    ] = None,
+    burst: BurstOption = False,
+    consumer: ConsumerOption = None,
     model_dir: ModelDirOption = None,
 ) -> None:
     """Run a selector worker: events -> selection policy -> labeling queue."""
-    import os
-    import signal
-    import socket
-
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from service.embedded_redis import redis_url_or_embedded
     from service.model_repository import ModelRepository
-    from service.redis_connection import create_redis
     from service.selection_policy import WindowBudget
     from service.selector_worker import ModelStream, SelectorWorker, selection_config
     from service.worker_metrics import WorkerMetrics
@@ -232,21 +284,12 @@ def select(
         config = selection_config(settings.selection)
     except (EdgeharvestError, ValueError) as exc:
         _fail(getattr(exc, "message", str(exc)))
-    url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
-    registry = CollectorRegistry()
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=registry)
-    client = create_redis(
-        url,
-        max_connections=4,
-        # Longer than a blocking read, so a quiet stream is not mistaken for a dead server.
-        socket_timeout=settings.redis_socket_timeout + settings.selector_block_ms / 1000,
-        cluster=settings.redis_cluster or None,
-    )
+    registry = _worker_registry(settings)
+    client, embedded = _worker_redis(settings, settings.selector_block_ms)
     worker = SelectorWorker(
         client,
         [ModelStream(m.name, m.version, m.class_names) for m in manifests],
-        consumer=consumer or f"{socket.gethostname()}-{os.getpid()}",
+        consumer=_consumer_name(consumer),
         config=config,
         budget=WindowBudget(settings.selector_budget_per_window, settings.selector_window_seconds),
         metrics=WorkerMetrics(registry),
@@ -255,15 +298,96 @@ def select(
         claim_idle_ms=int(settings.selector_claim_idle_seconds * 1000),
         lease_seconds=settings.label_lease_seconds,
     )
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: worker.stop())
+    processed = _run_worker(worker, client, embedded, burst)
+    typer.echo(f"selector processed {processed} events", err=True)
+
+
+@app.command()
+def drift(
+    burst: BurstOption = False,
+    consumer: ConsumerOption = None,
+    model_dir: ModelDirOption = None,
+) -> None:
+    """Run a drift worker: events of every replica -> windows -> drift tests -> Redis."""
+    from service.drift_detectors import ReferenceSample
+    from service.drift_worker import DriftStream, DriftWorker, DriftWorkerMetrics, drift_config
+    from service.model_repository import ModelRepository
+
+    settings = _settings(model_dir)
     try:
-        processed = worker.run(burst=burst)
+        found = ModelRepository.find_references(settings.model_dir)
+        config = drift_config(
+            settings.drift_window_size, settings.drift_window_seconds, settings.drift
+        )
+    except (EdgeharvestError, ValueError) as exc:
+        _fail(getattr(exc, "message", str(exc)))
+    streams = [
+        DriftStream(m.name, m.version, ReferenceSample.from_profile(profile))
+        for m, profile in found
+        if profile is not None
+    ]
+    for manifest in (m for m, profile in found if profile is None):
+        typer.echo(
+            f"model '{manifest.name}' v{manifest.version} has no reference profile: not "
+            "watched for drift (build one with `edgeharvest reference build`)",
+            err=True,
+        )
+    registry = _worker_registry(settings)
+    client, embedded = _worker_redis(settings, settings.drift_block_ms)
+    worker = DriftWorker(
+        client,
+        streams,
+        consumer=_consumer_name(consumer),
+        config=config,
+        metrics=DriftWorkerMetrics(registry),
+        round_size=settings.drift_round_size,
+        block_ms=settings.drift_block_ms,
+        claim_idle_ms=int(settings.drift_claim_idle_seconds * 1000),
+        history_size=settings.drift_history_size,
+        grace_seconds=settings.drift_window_grace_seconds,
+    )
+    processed = _run_worker(worker, client, embedded, burst)
+    typer.echo(f"drift worker processed {processed} events", err=True)
+
+
+@app.command("drift-report")
+def drift_report(
+    model: Annotated[str, typer.Option(help="Model name")],
+    version: Annotated[str | None, typer.Option(help="Model version (default: latest)")] = None,
+    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("drift-report.html"),
+    windows: Annotated[int, typer.Option(min=1, help="Past windows in the timeline")] = 50,
+    model_dir: ModelDirOption = None,
+) -> None:
+    """Write an HTML drift report: latest tests, score histograms, recent windows."""
+    from service.drift_desk import drift_summary
+    from service.drift_report import render_html
+    from service.drift_store import DriftStore
+    from service.model_repository import ModelRepository, version_key
+
+    settings = _settings(model_dir)
+    try:
+        found = ModelRepository.find_references(settings.model_dir)
+    except EdgeharvestError as exc:
+        _fail(exc.message)
+    versions = {m.version: profile is not None for m, profile in found if m.name == model}
+    if not versions:
+        _fail(f"unknown model '{model}'; the repository holds {sorted({m.name for m, _ in found})}")
+    if version is None:
+        version = max(versions, key=version_key)
+    elif version not in versions:
+        _fail(f"model '{model}' has no version '{version}'; available: {sorted(versions)}")
+    client, embedded = _worker_redis(settings, 0)
+    try:
+        summary = drift_summary(DriftStore(client, model, version), versions[version], windows)
     finally:
         client.close()
         if embedded is not None:
             embedded.stop()
-    typer.echo(f"selector processed {processed} events", err=True)
+    out.write_text(render_html(summary), encoding="utf-8")
+    typer.echo(
+        f"wrote {out}: {summary['windows_evaluated']} windows evaluated, "
+        f"alarm: {'yes' if summary['alarm'] else 'no'}"
+    )
 
 
 @app.command()
@@ -271,10 +395,10 @@ def run(
     host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
 ) -> None:
-    """Everything on one machine: the API plus a selector worker, sharing one Redis.
+    """Everything on one machine: the API plus a selector and a drift worker, sharing one Redis.
 
     Without EDGEHARVEST_REDIS_URL, the embedded Redis is started first and the worker is
-    pointed at it. In production run `serve` and `select` as separate deployments instead.
+    pointed at them. In production run `serve`, `select` and `drift` as separate deployments.
     """
     import os
     import subprocess
@@ -287,7 +411,10 @@ def run(
     # The API (this process) and the worker both use it.
     os.environ["EDGEHARVEST_REDIS_URL"] = url
     env = dict(os.environ)
-    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "select"], env=env)]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env)
+        for command in ("select", "drift")
+    ]
     try:
         serve(host=host, port=port, model_dir=None)
     finally:

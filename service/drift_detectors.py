@@ -100,6 +100,37 @@ class PageHinkley:
         """Values seen since the last reset."""
         return self._n
 
+    def state(self) -> dict[str, float | int | bool | None]:
+        """The running sums, JSON-friendly (infinities as None), for `restore`."""
+        return {
+            "n": self._n,
+            "mean": self._mean,
+            "sum_increase": self._sum_increase,
+            "sum_decrease": self._sum_decrease,
+            "min_increase": None if math.isinf(self._min_increase) else self._min_increase,
+            "max_decrease": None if math.isinf(self._max_decrease) else self._max_decrease,
+            "drift_detected": self._drift_detected,
+        }
+
+    def restore(self, state: Mapping[str, float | int | bool | None]) -> PageHinkley:
+        """Continue from a `state()`: the same parameters and this state go on identically."""
+        try:
+            n, mean = int(state["n"] or 0), float(state["mean"] or 0.0)
+            sum_increase = float(state["sum_increase"] or 0.0)
+            sum_decrease = float(state["sum_decrease"] or 0.0)
+            min_increase, max_decrease = state["min_increase"], state["max_decrease"]
+            detected = bool(state["drift_detected"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a PageHinkley state: {dict(state)} ({exc})") from None
+        if n < 0:
+            raise ValueError(f"PageHinkley state needs n >= 0, got {n}")
+        self._n, self._mean = n, mean
+        self._sum_increase, self._sum_decrease = sum_increase, sum_decrease
+        self._min_increase = math.inf if min_increase is None else float(min_increase)
+        self._max_decrease = -math.inf if max_decrease is None else float(max_decrease)
+        self._drift_detected = detected
+        return self
+
     def update(self, x: float) -> PageHinkley:
         if self._drift_detected:
             self.reset()

@@ -17,7 +17,7 @@ from service.onnx_classifier import OnnxClassifier, SessionConfig
 from service.reference_profile import REFERENCE_FILE, ReferenceProfile
 
 
-def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
+def version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
     """Numeric versions sort numerically and above any non-numeric one."""
     if re.fullmatch(r"\d+(\.\d+)*", version):
         return (1, *(int(p) for p in version.split(".")))
@@ -59,7 +59,7 @@ class ModelRepository:
                 )
             versions[model.version] = model
         self._latest = {
-            name: versions[max(versions, key=_version_key)]
+            name: versions[max(versions, key=version_key)]
             for name, versions in self._models.items()
         }
 
@@ -67,6 +67,20 @@ class ModelRepository:
     def find_manifests(model_dir: Path) -> list[Manifest]:
         """Every manifest in the repository, validated but without loading any model."""
         return [Manifest.load(p) for p in _manifest_paths(model_dir)]
+
+    @staticmethod
+    def find_references(model_dir: Path) -> list[tuple[Manifest, ReferenceProfile | None]]:
+        """Every manifest with its checked reference profile (None if it has none), without
+        loading any model: what the workers need."""
+        found = []
+        for path in _manifest_paths(model_dir):
+            manifest = Manifest.load(path)
+            profile = None
+            if (path.parent / REFERENCE_FILE).is_file():
+                profile = ReferenceProfile.load(path.parent / REFERENCE_FILE)
+                profile.check_model(manifest.name, manifest.version, manifest.sha256)
+            found.append((manifest, profile))
+        return found
 
     @classmethod
     def from_directory(
@@ -92,7 +106,7 @@ class ModelRepository:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._versions_of(name), key=_version_key)
+        return sorted(self._versions_of(name), key=version_key)
 
     def get(self, name: str, version: str | None = None) -> OnnxClassifier:
         if version is None:
@@ -106,7 +120,7 @@ class ModelRepository:
         except KeyError:
             raise ModelNotFound(
                 f"model '{name}' has no version '{version}'; available versions: "
-                f"{sorted(versions, key=_version_key)}"
+                f"{sorted(versions, key=version_key)}"
             ) from None
 
     def _versions_of(self, name: str) -> dict[str, OnnxClassifier]:

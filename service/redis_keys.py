@@ -82,3 +82,30 @@ def label_queue_sequence(model: str, version: str) -> str:
 def label_queue_item(model: str, version: str, item_id: str) -> str:
     """Hash of one item's immutable content: `meta` (JSON), `input`, `embedding` (bytes)."""
     return f"{label_queue(model, version)}:item:{item_id}"
+
+
+# ---- drift worker: every drift key sits under `...:<version>:drift` --------------------------
+
+
+def drift_prefix(model: str, version: str) -> str:
+    return f"{PREFIX}:{model_tag(model)}:{version}:drift"
+
+
+def drift_buffer(model: str, version: str) -> str:
+    """Hash: event id -> packed event, the events not yet in a closed window (all workers')."""
+    return f"{drift_prefix(model, version)}:buffer"
+
+
+def drift_state(model: str, version: str) -> str:
+    """JSON: the next window's index, alarm streaks and counts; changed only by compare-and-set."""
+    return f"{drift_prefix(model, version)}:state"
+
+
+def drift_streaming(model: str, version: str) -> str:
+    """JSON: the Page-Hinkley detectors' running state; changed only by compare-and-set."""
+    return f"{drift_prefix(model, version)}:streaming"
+
+
+def drift_history(model: str, version: str) -> str:
+    """List of window reports (JSON), newest first, trimmed to the configured history size."""
+    return f"{drift_prefix(model, version)}:history"

@@ -1,0 +1,50 @@
+"""What readers of drift results ask, for every served model version (API and report)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.drift_store import DriftStore
+from service.model_repository import ModelRepository
+from service.redis_connection import SyncRedis
+
+
+def drift_summary(store: DriftStore, has_reference: bool, limit: int) -> dict[str, Any]:
+    """The latest window, the newest `limit` windows and the streaming alarms of one version."""
+    state, streaming, latest = store.overview()
+    return {
+        "model": store.model,
+        "version": store.version,
+        "has_reference": has_reference,
+        "windows_evaluated": int(state.get("windows_evaluated", 0)),
+        "events_evaluated": int(state.get("events_evaluated", 0)),
+        "late_events": int(state.get("late_events", 0)),
+        "buffered_events": store.buffered_count(),
+        "alarm": bool(latest and latest.get("alarm")),
+        "streaming": {
+            score: {
+                "alarm": bool(value.get("alarm")),
+                "detections": int(value.get("detections", 0)),
+            }
+            for score, value in sorted(streaming.items())
+        },
+        "latest": latest,
+        "history": store.history(limit),
+    }
+
+
+class DriftDesk:
+    def __init__(self, repository: ModelRepository, redis: SyncRedis) -> None:
+        self.repository = repository
+        self._stores = {
+            (m.name, m.version): DriftStore(redis, m.name, m.version) for m in repository
+        }
+
+    @property
+    def stores(self) -> list[DriftStore]:
+        return list(self._stores.values())
+
+    def summary(self, name: str, version: str | None, limit: int) -> dict[str, Any]:
+        model = self.repository.get(name, version)  # raises ModelNotFound, naming what exists
+        key = (model.name, model.version)
+        return drift_summary(self._stores[key], key in self.repository.references, limit)
