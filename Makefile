@@ -43,3 +43,24 @@ models: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# Deployment files (deploy/, Dockerfile) checked with the real tools: promtool (Debian's
+# prometheus package; .ci/run installs it), kubernetes-validate, check-jsonschema, and a real
+# Prometheus scraping the running service.
+.PHONY: deploy-check
+deploy-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_deploy_*.py tests/test_prometheus_e2e.py
+
+# The alert rules as a Prometheus Operator resource, generated from deploy/prometheus/rules.yml
+# (tests/test_deploy_k8s.py fails when the two disagree).
+deploy/k8s/prometheusrule.yaml: deploy/prometheus/rules.yml
+	{ printf '%s\n' \
+	  '# Generated from deploy/prometheus/rules.yml by `make deploy/k8s/prometheusrule.yaml`: edit that file.' \
+	  'apiVersion: monitoring.coreos.com/v1' \
+	  'kind: PrometheusRule' \
+	  'metadata:' \
+	  '  name: edgeharvest' \
+	  '  labels:' \
+	  '    app.kubernetes.io/name: edgeharvest' \
+	  'spec:'; \
+	  sed -n '/^groups:/,$$p' $< | sed 's/^./  &/'; } > $@
