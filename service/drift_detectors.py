@@ -23,6 +23,7 @@ from service.drift_tests import (
     ks_test,
     mmd_test,
     softmax_ks_test,
+    tail_test,
 )
 from service.reference_profile import ReferenceProfile
 
@@ -33,7 +34,13 @@ CLASS_DISTRIBUTION = "class_distribution"
 SOFTMAX = "softmax"
 MMD = "mmd"
 FEATURES = "features"
-TEST_FAMILIES = frozenset({SCORES, CLASS_DISTRIBUTION, SOFTMAX, MMD, FEATURES})
+TAILS = "tail"
+TEST_FAMILIES = frozenset({SCORES, TAILS, CLASS_DISTRIBUTION, SOFTMAX, MMD, FEATURES})
+# The tails the flags watch: score, quantile of the reference, upper (True) or lower tail.
+TAIL_SCORES: tuple[tuple[str, float, bool], ...] = (
+    ("novelty", 0.99, True),
+    ("max_probability", 0.05, False),
+)
 
 
 class PageHinkley:
@@ -292,7 +299,8 @@ class DriftConfig:
     The effect floors keep large windows from alarming on negligible shifts: PSI 0.1 is the
     conventional start of a "moderate" shift; a JS distance of 0.05 is about one class of ten
     moving from 10% to 14%; KS 0.1 is a 10-point gap between two CDFs; MMD 0.02 sits above the
-    null's typical range at 500 vs 1,000 points. MMD is always computed on at most
+    null's typical range at 500 vs 1,000 points; a tail share 2 points above the reference's
+    (e.g. 3% of events above the 99th percentile instead of 1%). MMD is always computed on at most
     `mmd_max_reference_points` + `mmd_max_window_points` points, which bounds its cost.
     """
 
@@ -305,6 +313,7 @@ class DriftConfig:
     softmax_min_ks: float = 0.1
     mmd_min_effect: float = 0.02
     feature_min_ks: float = 0.1
+    tail_min_excess: float = 0.02
     mmd_permutations: int = 200
     mmd_max_reference_points: int = 500
     mmd_max_window_points: int = 1000
@@ -327,6 +336,7 @@ class DriftConfig:
             "softmax_min_ks",
             "mmd_min_effect",
             "feature_min_ks",
+            "tail_min_excess",
         ):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -498,6 +508,16 @@ class WindowEvaluator:
                     reference.score_distributions[name], values, alpha, config.score_min_psi
                 )
                 results.append(replace(result, test=f"{SCORES}:{name}"))
+        if TAILS in tests:
+            for name, quantile, upper in TAIL_SCORES:
+                values = data.scores.get(name)
+                reference_values = reference.score_distributions.get(name)
+                if values is None or reference_values is None or not np.isfinite(values).any():
+                    continue
+                result = tail_test(
+                    reference_values, values, quantile, upper, alpha, config.tail_min_excess
+                )
+                results.append(replace(result, test=f"{TAILS}:{name}"))
         if CLASS_DISTRIBUTION in tests and self._reference_size > 0 and len(data.predicted):
             results.append(
                 class_distribution_test(

@@ -129,6 +129,52 @@ def ks_test(
     )
 
 
+def tail_test(
+    reference: np.ndarray,
+    window: np.ndarray,
+    quantile: float,
+    upper: bool,
+    alpha: float = 0.01,
+    min_effect: float = 0.02,
+) -> TestResult:
+    """Is the window's share beyond the reference's `quantile` larger than the reference's own?
+
+    The tail share is what the flags count (novel above the 99th percentile, low confidence
+    below the 5th), and where a small share of unseen inputs shows first: 5% of them barely
+    move a KS or PSI over the whole range, but multiply the share above the 99th percentile.
+    One-sided Fisher exact test on the two 2x2 counts, so the reference's own sampling error
+    is accounted for; effect size: the window's share minus the reference's (absolute).
+    """
+    _check_thresholds(alpha, min_effect)
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be within (0, 1), got {quantile}")
+    reference = _finite(reference, "reference")
+    values = _finite(window, "window")
+    threshold = float(np.quantile(reference, quantile))
+    if upper:
+        ref_beyond, win_beyond = int((reference > threshold).sum()), int((values > threshold).sum())
+    else:
+        ref_beyond, win_beyond = int((reference < threshold).sum()), int((values < threshold).sum())
+    table = [[win_beyond, len(values) - win_beyond], [ref_beyond, len(reference) - ref_beyond]]
+    odds, p_value = stats.fisher_exact(table, alternative="greater")
+    excess = win_beyond / len(values) - ref_beyond / len(reference)
+    return TestResult(
+        test="tail",
+        statistic=float(odds),
+        p_value=float(p_value),
+        effect_size=excess,
+        effect_name="excess_share",
+        drifting=_decide(float(p_value), excess, alpha, min_effect),
+        details={
+            "threshold": threshold,
+            "side": "upper" if upper else "lower",
+            "quantile": quantile,
+            "reference_share": ref_beyond / len(reference),
+            "window_share": win_beyond / len(values),
+        },
+    )
+
+
 def _pool_sparse_columns(table: np.ndarray) -> np.ndarray:
     """Merge the columns of a 2-row count table whose smallest expected count is below 5."""
     expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()

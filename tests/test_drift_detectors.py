@@ -292,6 +292,8 @@ def test_shift_from_window_3_alarms_at_window_4(reference: ReferenceSample) -> N
         "scores:margin",
         "scores:max_probability",
         "scores:novelty",
+        "tail:max_probability",
+        "tail:novelty",
         "class_distribution",
         "softmax",
         "mmd",

@@ -19,6 +19,7 @@ from service.drift_tests import (
     mmd_test,
     population_stability_index,
     softmax_ks_test,
+    tail_test,
 )
 
 
@@ -373,3 +374,22 @@ def test_mmd_validates_parameters() -> None:
         mmd_test(points, np.zeros((5, 3)), rng)
     identical = mmd_test(points, points, rng)  # all distances 0: no crash, no drift
     assert identical.effect_size == 0.0 and not identical.drifting
+
+
+def test_tail_test_counts_the_share_beyond_the_reference_quantile_exactly() -> None:
+    reference = np.arange(100, dtype=np.float64)  # 99th percentile 98.01: one value above it
+    window = np.r_[np.zeros(90), np.full(10, 500.0)]  # 10% above it
+    result = tail_test(reference, window, 0.99, upper=True)
+    assert result.details["threshold"] == pytest.approx(98.01)
+    assert result.details["reference_share"] == 0.01 and result.details["window_share"] == 0.1
+    assert result.effect_size == pytest.approx(0.09)
+    expected = stats.fisher_exact([[10, 90], [1, 99]], alternative="greater")
+    assert result.p_value == pytest.approx(expected.pvalue)
+    assert expected.pvalue < 0.01 and result.drifting
+    lower = tail_test(reference, np.r_[np.full(30, -1.0), np.full(70, 50.0)], 0.05, upper=False)
+    assert lower.details["window_share"] == 0.3 and lower.drifting
+    # As many beyond as the reference: no excess, no drift, whatever the p-value.
+    same = tail_test(reference, reference, 0.99, upper=True)
+    assert same.effect_size == 0 and not same.drifting
+    with pytest.raises(ValueError, match="quantile must be within"):
+        tail_test(reference, window, 1.0, upper=True)
