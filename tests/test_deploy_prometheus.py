@@ -26,9 +26,72 @@ from tests.test_deploy_promql import (
 CONFIG_FILE = DEPLOY / "prometheus" / "prometheus.yml"
 RULES_TEST_FILE = DEPLOY / "prometheus" / "rules_test.yml"
 DEPLOY_README = DEPLOY / "README.md"
-DIGIT = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0,
-         0, 8, 8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0,
-         0, 6, 13, 10, 0, 0, 0]  # fmt: skip
+DIGIT = [
+    0,
+    0,
+    5,
+    13,
+    9,
+    1,
+    0,
+    0,
+    0,
+    0,
+    13,
+    15,
+    10,
+    15,
+    5,
+    0,
+    0,
+    3,
+    15,
+    2,
+    0,
+    11,
+    8,
+    0,
+    0,
+    4,
+    12,
+    0,
+    0,
+    8,
+    8,
+    0,
+    0,
+    5,
+    8,
+    0,
+    0,
+    9,
+    8,
+    0,
+    0,
+    4,
+    11,
+    0,
+    1,
+    12,
+    7,
+    0,
+    0,
+    2,
+    14,
+    5,
+    10,
+    12,
+    0,
+    0,
+    0,
+    0,
+    6,
+    13,
+    10,
+    0,
+    0,
+    0,
+]
 
 
 def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,7 +101,8 @@ def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
 
 
 def load_rules() -> dict[str, Any]:
-    return yaml.safe_load(RULES_FILE.read_text())
+    rules: dict[str, Any] = yaml.safe_load(RULES_FILE.read_text())
+    return rules
 
 
 def alerts() -> list[dict[str, Any]]:

@@ -29,10 +29,12 @@ PROMETHEUS_SERIES = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 # Grafana's interval variables, replaced by a concrete duration to run a query elsewhere.
 GRAFANA_INTERVALS = ("$__rate_interval", "$__interval", "$__range")
 
-_KEYWORDS = frozenset(
-    {"and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left",
-     "group_right", "offset", "inf", "nan", "atan2"}
-)  # fmt: skip
+# fmt: off
+_KEYWORDS = frozenset({
+    "and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "offset", "inf", "nan", "atan2",
+})
+# fmt: on
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _OFFSET = re.compile(r"\boffset\s+-?[0-9a-z]+")
@@ -94,7 +96,9 @@ def exported_names(api_base_url: str) -> set[str]:
 
 
 def recorded_names(rules: dict[str, Any]) -> set[str]:
-    return {rule["record"] for group in rules["groups"] for rule in group["rules"] if "record" in rule}
+    return {
+        rule["record"] for group in rules["groups"] for rule in group["rules"] if "record" in rule
+    }
 
 
 def grafana_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -112,14 +116,21 @@ def grafana_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]
-            yield f"variable {variable['name']}", query["query"] if isinstance(query, dict) else query
+            yield (
+                f"variable {variable['name']}",
+                query["query"] if isinstance(query, dict) else query,
+            )
     for annotation in dashboard["annotations"]["list"]:
         if "expr" in annotation:
             yield f"annotation {annotation['name']}", annotation["expr"]
 
 
 def runnable(expr: str, interval: str = "5m") -> str:
-    """A Grafana query as plain PromQL: intervals given, every other variable matching all."""
+    """A Grafana query as plain PromQL: intervals given, every other variable matching all,
+    and a variable's `label_values(selector, label)` reduced to its selector."""
+    values = re.fullmatch(r"\s*label_values\s*\((.*),\s*\w+\s*\)\s*", expr, re.DOTALL)
+    if values:
+        expr = values.group(1)
     for variable in GRAFANA_INTERVALS:
         expr = expr.replace(variable, interval)
     return re.sub(r"\$\{?\w+\}?", ".*", expr)
@@ -154,10 +165,16 @@ def write_rule_file(path: Path, exprs: Iterable[str]) -> Path:
             "histogram_quantile(0.99, sum by (le) (rate(x_seconds_bucket[$__rate_interval])))",
             {"x_seconds_bucket"},
         ),
-        ("time() - max without (instance) (a_timestamp_seconds offset 1h)", {"a_timestamp_seconds"}),
+        (
+            "time() - max without (instance) (a_timestamp_seconds offset 1h)",
+            {"a_timestamp_seconds"},
+        ),
         ("1e-9 * vector(0.1) > bool 2", set()),
         ("a > on () group_left () b and on (x) c unless d", {"a", "b", "c", "d"}),
-        ('label_values(edgeharvest_model_info{model=~"$model"}, version)', {"edgeharvest_model_info"}),
+        (
+            'label_values(edgeharvest_model_info{model=~"$model"}, version)',
+            {"edgeharvest_model_info"},
+        ),
         ('count(x{label="sum(by)"}) by (job)', {"x"}),
     ],
 )
@@ -173,11 +190,18 @@ def test_exposed_names_derive_suffixes_from_types() -> None:
         "# HELP c A gauge.\n# TYPE c gauge\nc 1.0\n"
     )
     assert exposed_names(exposition) == {
-        "a_total", "a_created", "b_seconds_bucket", "b_seconds_sum", "b_seconds_count",
-        "b_seconds_created", "c",
-    }  # fmt: skip
+        "a_total",
+        "a_created",
+        "b_seconds_bucket",
+        "b_seconds_sum",
+        "b_seconds_count",
+        "b_seconds_created",
+        "c",
+    }
 
 
 def test_runnable_replaces_grafana_variables() -> None:
     expr = 'rate(x{model=~"$model", version=~"${version}"}[$__rate_interval])'
     assert runnable(expr, "1m") == 'rate(x{model=~".*", version=~".*"}[1m])'
+    variable = 'label_values(edgeharvest_model_info{model=~"$model"}, version)'
+    assert runnable(variable) == 'edgeharvest_model_info{model=~".*"}'
