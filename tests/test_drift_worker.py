@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import signal
@@ -246,3 +248,37 @@ def test_drift_worker_stops_on_sigterm_and_skips_models_without_reference(
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown keys ['alpah']" in bad.stderr
+
+
+def test_time_windows_close_after_their_end_and_are_numbered_by_period(
+    redis_url: str, client: redis.Redis
+) -> None:
+    send_traffic(redis_url, in_distribution(300, seed=3))
+    worker = DriftWorker(
+        client,
+        [DriftStream("digits", "1", REFERENCE)],
+        consumer="timed",
+        config=drift_config(1000, 60.0, {}),
+        metrics=DriftWorkerMetrics(CollectorRegistry()),
+        grace_seconds=10.0,
+    )
+    store = DriftStore(client, "digits", "1")
+    times = [float(meta["ts"]) for meta in event_meta(client)]
+    # While the latest period is open (plus grace), its events wait in the buffer.
+    worker.clock = lambda: max(times)
+    worker.run(burst=True)
+    open_period = math.floor(max(times) / 60)
+    assert all(w["index"] < open_period for w in store.history(10))
+    assert store.buffered_count() == sum(1 for t in times if math.floor(t / 60) == open_period)
+    # Once it has ended (and the grace passed), every event is in exactly one window.
+    worker.clock = lambda: (open_period + 1) * 60 + 10
+    worker.run(burst=True)
+    history = store.history(10)
+    periods = sorted({math.floor(t / 60) for t in times})
+    assert sorted(w["index"] for w in history) == periods
+    assert sum(w["size"] for w in history) == 300 and store.buffered_count() == 0
+    assert all(w["end_time"] - w["start_time"] == 60 for w in history)
+
+
+def event_meta(client: redis.Redis) -> list[dict[str, object]]:
+    return [json.loads(fields[b"meta"]) for _, fields in client.xrange(STREAM)]
