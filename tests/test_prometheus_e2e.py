@@ -289,7 +289,7 @@ def test_a_latency_quantile_equals_the_one_of_the_service_histogram(stack: Stack
 
 def test_drift_gauges_show_the_noise_windows_in_alarm(stack: Stack) -> None:
     model = 'model="digits", version="1"'
-    windows = 2 * (IN_DISTRIBUTION_ROWS + NOISE_ROWS) // (2 * WINDOW)
+    windows = (IN_DISTRIBUTION_ROWS + NOISE_ROWS) // WINDOW
     wait_for(
         lambda: (
             values(stack, f"edgeharvest_drift_windows_evaluated_total{{{model}}}") == {"": windows}
