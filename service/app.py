@@ -127,10 +127,13 @@ def create_app(
             if event_log is not None:
                 redis = create_async_redis(url, **connection)  # type: ignore[arg-type]
                 await event_log.start(redis)
-        dataplane.mark_ready()
+        # Starts the adaptive batchers (warmed up), then marks the models ready.
+        await dataplane.start()
         try:
             yield
         finally:
+            # Batches already queued or running finish (and log their events) first.
+            await dataplane.stop()
             for collector in collectors:
                 registry.unregister(collector)
             app.state.label_desk = None

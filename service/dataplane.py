@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,10 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.errors import ModelNotReady
+from service.batch_plan import RequestSpan
+from service.batcher import AdaptiveBatcher, BatchingPolicy
+from service.datatypes import OIP_TO_NUMPY
+from service.errors import ManifestError, ModelNotReady
 from service.inference_protocol import BINARY_EXTENSION
 from service.metrics import ServiceMetrics
 from service.model_repository import ModelRepository
@@ -33,6 +37,36 @@ class MonitoredPrediction:
     prediction: Prediction
     # None when monitoring is off.
     scored: ScoredBatch | None
+
+
+def batching_policy(model: OnnxClassifier, settings: Settings) -> BatchingPolicy | None:
+    """The model's batching, from its manifest and the settings; None when it is off.
+
+    `EDGEHARVEST_BATCHING=on|off` decides for every model; `auto` follows the manifest's
+    `batching.enabled` and batches models whose manifest is silent. Sizes come from the
+    manifest, else from the settings.
+    """
+    config = model.manifest.batching
+    if settings.batching == "auto":
+        enabled = config is None or config.enabled is None or config.enabled
+    else:
+        enabled = settings.batching == "on"
+    if not enabled:
+        return None
+    reason = model.unbatchable_reason()
+    if reason is not None:
+        where = f"model '{model.name}' version '{model.version}'"
+        if config is not None and config.enabled and settings.batching == "auto":
+            raise ManifestError(f"{where}: its manifest enables batching, but {reason}")
+        logger.warning("%s is served without batching: %s", where, reason)
+        return None
+    max_batch_size = settings.batching_max_batch_size
+    max_delay = settings.batching_max_queue_delay_seconds
+    if config is not None:
+        max_batch_size = config.max_batch_size or max_batch_size
+        if config.max_queue_delay_seconds is not None:
+            max_delay = config.max_queue_delay_seconds
+    return BatchingPolicy(max_batch_size, max_delay)
 
 
 class DataPlane:
@@ -66,6 +100,46 @@ class DataPlane:
                 model.class_names,
                 (model.name, model.version) in repository.references,
             )
+        self.batchers: dict[tuple[str, str], AdaptiveBatcher[MonitoredPrediction]] = {}
+        for model in repository:
+            policy = batching_policy(model, settings)
+            if policy is not None:
+                self.batchers[(model.name, model.version)] = self._batcher(model, policy)
+
+    def _batcher(
+        self, model: OnnxClassifier, policy: BatchingPolicy
+    ) -> AdaptiveBatcher[MonitoredPrediction]:
+        def finish(
+            batch: np.ndarray, prediction: Prediction, spans: Sequence[RequestSpan]
+        ) -> list[MonitoredPrediction]:
+            return self._finish(model, batch, prediction, spans)
+
+        return AdaptiveBatcher(
+            f"{model.name}:{model.version}",
+            policy,
+            model.predict,
+            finish,
+            self._offload,
+            metrics=self.metrics.for_model(model.name, model.version),
+        )
+
+    def _offload(self, values: int) -> bool:
+        return values >= self.settings.threadpool_min_elements
+
+    async def start(self) -> None:
+        """Start the batchers, each warmed up on a full batch; then serve."""
+        for (name, version), batcher in self.batchers.items():
+            spec = self.repository.get(name, version).manifest.input
+            shape = [batcher.policy.max_batch_size, *(2 if d == -1 else d for d in spec.shape[1:])]
+            await batcher.start(warm_up=np.zeros(shape, dtype=OIP_TO_NUMPY[spec.datatype]))
+        self.mark_ready()
+
+    async def stop(self) -> None:
+        """Refuse new predictions and finish those already queued or running."""
+        for model in self.repository:
+            model.ready = False
+        for batcher in self.batchers.values():
+            await batcher.stop()
 
     def mark_ready(self) -> None:
         for model in self.repository:
@@ -108,20 +182,39 @@ class DataPlane:
             raise ModelNotReady(
                 f"model '{model.name}' version '{model.version}' is not ready yet; retry shortly"
             )
+        batcher = self.batchers.get((model.name, model.version))
+        if batcher is not None:
+            return await batcher.submit(batch, request_id)
         start = time.perf_counter()
-        if batch.size >= self.settings.threadpool_min_elements:
+        if self._offload(batch.size):
             prediction = await run_in_threadpool(model.predict, batch)
         else:
             prediction = model.predict(batch)
-        model_metrics = self.metrics.for_model(model.name, model.version)
-        model_metrics.inference_duration.observe(time.perf_counter() - start)
-        if self.monitor is None:
-            return MonitoredPrediction(prediction, None)
-        try:
-            scored = self.monitor.observe(model, batch, prediction, request_id)
-        except Exception:
-            # Monitoring must never fail a prediction; the error is logged and counted.
-            logger.exception("monitoring failed for model %s v%s", model.name, model.version)
-            model_metrics.monitoring_errors.inc()
-            return MonitoredPrediction(prediction, None)
-        return MonitoredPrediction(prediction, scored)
+        self.metrics.for_model(model.name, model.version).batch_ran(time.perf_counter() - start)
+        return self._finish(model, batch, prediction, [RequestSpan(request_id, 0, len(batch))])[0]
+
+    def _finish(
+        self,
+        model: OnnxClassifier,
+        batch: np.ndarray,
+        prediction: Prediction,
+        spans: Sequence[RequestSpan],
+    ) -> list[MonitoredPrediction]:
+        """Monitor a batch once, then give each request its rows."""
+        scored = None
+        if self.monitor is not None:
+            try:
+                scored = self.monitor.observe(model, batch, prediction, spans)
+            except Exception:
+                # Monitoring must never fail a prediction; the error is logged and counted.
+                logger.exception("monitoring failed for model %s v%s", model.name, model.version)
+                self.metrics.for_model(model.name, model.version).monitoring_errors.inc()
+        if len(spans) == 1:
+            return [MonitoredPrediction(prediction, scored)]
+        return [
+            MonitoredPrediction(
+                prediction.slice(span.start, span.stop),
+                None if scored is None else scored.slice(span.start, span.stop),
+            )
+            for span in spans
+        ]

@@ -13,12 +13,14 @@ Fields of a stream entry:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
+from service.batch_plan import RequestSpan
 from service.onnx_classifier import Prediction
 from service.scores import ScoredBatch
 
@@ -64,36 +66,71 @@ def encode_events(
     timestamp: float,
     store_input: bool,
 ) -> list[EventFields]:
+    """The events of one request's batch."""
+    return encode_batch_events(
+        model=model,
+        version=version,
+        spans=[RequestSpan(request_id, 0, len(batch))],
+        batch=batch,
+        prediction=prediction,
+        scored=scored,
+        embeddings=embeddings,
+        timestamp=timestamp,
+        store_inputs=[store_input],
+    )
+
+
+def encode_batch_events(
+    *,
+    model: str,
+    version: str,
+    spans: Sequence[RequestSpan],
+    batch: np.ndarray,
+    prediction: Prediction,
+    scored: ScoredBatch,
+    embeddings: np.ndarray,
+    timestamp: float,
+    store_inputs: Sequence[bool],
+) -> list[EventFields]:
+    """The events of a batch gathered from several requests, in row order.
+
+    Each request's events carry its own id and their index within that request, so they are
+    the same whether the request was served alone or gathered with others (only the random
+    event ids and the time differ).
+    """
     probabilities = np.ascontiguousarray(prediction.probabilities, dtype="<f4")
     halves = np.ascontiguousarray(embeddings, dtype="<f2")
     inputs = np.ascontiguousarray(batch, dtype=batch.dtype.newbyteorder("<"))
     input_shape = list(batch.shape[1:])
+    input_dtype = batch.dtype.name
+    rows = scored.rows()
     events: list[EventFields] = []
-    # One random id per batch, suffixed by the index: unique, and a uuid4 per row would cost
-    # more than the rest of the row's encoding.
+    # One random id per batch, suffixed by the row: unique, and a uuid4 per row would cost more
+    # than the rest of the row's encoding.
     batch_id = new_event_id()
-    for i, row in enumerate(scored.rows()):
-        event_id = f"{batch_id}-{i}"
-        meta = {
-            "id": event_id,
-            "ts": timestamp,
-            "model": model,
-            "version": version,
-            "request_id": request_id,
-            "index": i,
-            **row,
-            "input_dtype": batch.dtype.name,
-            "input_shape": input_shape,
-        }
-        fields: EventFields = {
-            "id": event_id,
-            "meta": orjson.dumps(meta),
-            "embedding": halves[i].tobytes(),
-            "probabilities": probabilities[i].tobytes(),
-        }
-        if store_input:
-            fields["input"] = inputs[i].tobytes()
-        events.append(fields)
+    for span, store_input in zip(spans, store_inputs, strict=True):
+        for index, i in enumerate(range(span.start, span.stop)):
+            event_id = f"{batch_id}-{i}"
+            meta = {
+                "id": event_id,
+                "ts": timestamp,
+                "model": model,
+                "version": version,
+                "request_id": span.request_id,
+                "index": index,
+                **rows[i],
+                "input_dtype": input_dtype,
+                "input_shape": input_shape,
+            }
+            fields: EventFields = {
+                "id": event_id,
+                "meta": orjson.dumps(meta),
+                "embedding": halves[i].tobytes(),
+                "probabilities": probabilities[i].tobytes(),
+            }
+            if store_input:
+                fields["input"] = inputs[i].tobytes()
+            events.append(fields)
     return events
 
 

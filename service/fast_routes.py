@@ -75,7 +75,8 @@ class FastPredictionRoutes:
             status = 200
         except EdgeharvestError as exc:
             status, content = exc.status_code, orjson.dumps({"error": exc.message})
-            response_headers = {"content-type": "application/json"}
+            # E.g. Retry-After on a 503 from a saturated batcher.
+            response_headers = {"content-type": "application/json", **getattr(exc, "headers", {})}
         except Exception as exc:
             logger.exception("unhandled error on POST %s", scope["path"])
             status = 500

@@ -81,6 +81,18 @@ class InputLayout(BaseModel):
     value_range: tuple[float, float] | None = None
 
 
+class BatchingConfig(BaseModel):
+    """Adaptive batching for this model; unset fields take the service's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    # Instances per onnxruntime call.
+    max_batch_size: int | None = Field(default=None, ge=1)
+    # The longest a request may expect to queue before it is refused with 503.
+    max_queue_delay_seconds: float | None = Field(default=None, ge=0)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,6 +106,7 @@ class Manifest(BaseModel):
     outputs: OutputRoles
     class_names: list[str] = Field(min_length=1)
     input_layout: InputLayout = Field(default_factory=InputLayout)
+    batching: BatchingConfig | None = None
 
     @model_validator(mode="after")
     def _check_file_name(self) -> Manifest:

@@ -107,6 +107,20 @@ class ServiceMetrics:
             model,
             registry=registry,
         )
+        # Adaptive batcher (batcher.py).
+        self.batch_queue_duration = BatchHistogram(
+            "edgeharvest_batch_queue_duration_seconds",
+            "Time a request waited in the batcher's queue before its batch started.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rejected = Counter(
+            "edgeharvest_batch_rejected_total",
+            "Requests refused with 503 because their expected queueing delay exceeded the bound.",
+            model,
+            registry=registry,
+        )
         self.model_info = Info(
             "edgeharvest_model",
             "Served model versions.",
@@ -207,6 +221,8 @@ class ModelMetrics:
         self.novelty_percentile = metrics.novelty_percentile.labels(*labels)
         self.low_confidence = metrics.flagged.labels(*labels, "low_confidence")
         self.novel = metrics.flagged.labels(*labels, "novel")
+        self._queue_duration = metrics.batch_queue_duration.labels(*labels)
+        self._rejected = metrics.batch_rejected.labels(*labels)
         names = [
             *class_names[:MAX_CLASS_LABELS],
             *(["other"] if len(class_names) > MAX_CLASS_LABELS else []),
@@ -230,3 +246,13 @@ class ModelMetrics:
             self.low_confidence.inc(low)
         if novel:
             self.novel.inc(novel)
+
+    # BatcherMetrics protocol of the adaptive batcher.
+    def batch_ran(self, seconds: float) -> None:
+        self.inference_duration.observe(seconds)
+
+    def queue_waits(self, seconds: np.ndarray) -> None:
+        self._queue_duration.observe_many(seconds)
+
+    def rejected(self) -> None:
+        self._rejected.inc()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from service.events import encode_events
+from service.batch_plan import RequestSpan
+from service.events import encode_batch_events
 from service.metrics import ServiceMetrics
 from service.neighbour_index import l2_normalize
 from service.onnx_classifier import OnnxClassifier, Prediction
@@ -55,8 +57,13 @@ class PredictionMonitor:
         return self.input_sample_rate >= 1.0 or self._rng.random() < self.input_sample_rate
 
     def observe(
-        self, model: OnnxClassifier, batch: np.ndarray, prediction: Prediction, request_id: str
+        self,
+        model: OnnxClassifier,
+        batch: np.ndarray,
+        prediction: Prediction,
+        spans: Sequence[RequestSpan],
     ) -> ScoredBatch:
+        """Score, count and log a batch once, however many requests (`spans`) it gathers."""
         start = time.perf_counter()
         scorer = self.scorer(model)
         if scorer is None:
@@ -72,16 +79,17 @@ class PredictionMonitor:
         model_metrics = self.metrics.for_model(model.name, model.version)
         model_metrics.observe_batch(scored)
         if self.events is not None:
-            events = encode_events(
+            events = encode_batch_events(
                 model=model.name,
                 version=model.version,
-                request_id=request_id,
+                spans=spans,
                 batch=batch,
                 prediction=prediction,
                 scored=scored,
                 embeddings=embeddings,
                 timestamp=time.time(),
-                store_input=self._store_input(batch),
+                # Sampled per request, as when each is served alone.
+                store_inputs=[self._store_input(batch) for _ in spans],
             )
             stream = event_stream(model.name, model.version)
             for fields in events:

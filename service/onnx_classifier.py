@@ -75,6 +75,15 @@ class Prediction:
     # Every served output by name, as the OIP endpoint returns them.
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def slice(self, start: int, stop: int) -> Prediction:
+        """Instances [start, stop) as views; every tensor must have the batch first."""
+        return Prediction(
+            self.probabilities[start:stop],
+            None if self.embedding is None else self.embedding[start:stop],
+            None if self.logits is None else self.logits[start:stop],
+            {name: tensor[start:stop] for name, tensor in self.tensors.items()},
+        )
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -263,6 +272,26 @@ class OnnxClassifier:
                 f"the manifest lists {len(self.class_names)} class names; expected "
                 f"[batch, {len(self.class_names)}]"
             )
+
+    def unbatchable_reason(self) -> str | None:
+        """Why requests to this model cannot share one onnxruntime call, or None if they can.
+
+        Gathered requests are split back by slicing every output along its first dimension,
+        so each output must have the batch first; a test run at two sizes checks it.
+        """
+        spec = self.manifest.input
+        if spec.shape[0] != -1:
+            return f"input {spec.name!r} has a fixed batch dimension of {spec.shape[0]}"
+        instance = [2 if d == -1 else d for d in spec.shape[1:]]
+        for size in (1, 3):
+            sample = np.zeros([size, *instance], dtype=OIP_TO_NUMPY[spec.datatype])
+            for name, tensor in self.predict(sample).tensors.items():
+                if tensor.ndim == 0 or tensor.shape[0] != size:
+                    return (
+                        f"output {name!r} has shape {list(tensor.shape)} for a batch of {size}; "
+                        "every output must have the batch as its first dimension"
+                    )
+        return None
 
     # ---- serving ----------------------------------------------------------------------------
 

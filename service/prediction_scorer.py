@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.exact_knn import ExactKthDistance
 from service.neighbour_index import NeighbourIndex, l2_normalize
 from service.onnx_classifier import Prediction
 from service.reference_profile import ReferenceProfile
@@ -41,6 +42,16 @@ class PredictionScorer:
         self.profile = profile
         self.index = index
         self.thresholds = thresholds
+        # Exact search goes through the batch-invariant form, so a request's novelty does not
+        # depend on what else the batcher gathered with it (see exact_knn.py). An approximate
+        # index already computes its distances pair by pair.
+        self._exact = ExactKthDistance(profile.embeddings) if index.kind == "exact" else None
+
+    def novelty(self, embeddings: np.ndarray) -> np.ndarray:
+        """Distance of each normalised embedding to its k-th nearest reference embedding."""
+        if self._exact is not None:
+            return self._exact.kth_distance(embeddings, self.profile.k)
+        return self.index.kth_distance(embeddings, self.profile.k)
 
     def embed(self, prediction: Prediction, batch: np.ndarray) -> np.ndarray:
         p = self.profile
@@ -50,7 +61,7 @@ class PredictionScorer:
         """Scores with percentiles and flags, and the normalised embeddings they used."""
         embeddings = self.embed(prediction, batch)
         scores = confidence_scores(prediction.probabilities, prediction.logits)
-        scores[NOVELTY_SCORE] = self.index.kth_distance(embeddings, self.profile.k)
+        scores[NOVELTY_SCORE] = self.novelty(embeddings)
         distributions = self.profile.score_distributions
         percentiles = {
             name: percentile_in(values, distributions[name])

@@ -144,6 +144,19 @@ class ScoredBatch:
         """One instance as plain Python values."""
         return self.rows()[i]
 
+    def slice(self, start: int, stop: int) -> ScoredBatch:
+        """Instances [start, stop) (views, not copies), sharing rows already built."""
+        part = ScoredBatch(
+            self.predicted[start:stop],
+            {k: v[start:stop] for k, v in self.scores.items()},
+            {k: v[start:stop] for k, v in self.percentiles.items()},
+            self.low_confidence[start:stop],
+            self.novel[start:stop],
+        )
+        if self._rows is not None:
+            part._rows = self._rows[start:stop]
+        return part
+
 
 def score_output_names(has_logits: bool, has_reference: bool) -> list[str]:
     """Names of the extra OIP outputs carrying scores, percentiles and flags."""

@@ -102,3 +102,12 @@ class Settings(BaseSettings):
 
     # Port of a worker's own /metrics (0: none).
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    # ---- Adaptive batching (service/batcher.py) ------------------------------------------------
+    # auto: each model's manifest decides ("batching": {"enabled": ...}), on where it is silent;
+    # on / off: every model, whatever its manifest says.
+    batching: Literal["auto", "on", "off"] = "auto"
+    # Instances per onnxruntime call, and the longest a request may expect to queue for its batch
+    # before it is refused with 503 and Retry-After. A manifest's "batching" block overrides both.
+    batching_max_batch_size: int = Field(default=32, ge=1)
+    batching_max_queue_delay_seconds: float = Field(default=0.5, ge=0)

@@ -1,0 +1,107 @@
+"""Exact k-th nearest-neighbour distances that do not depend on how queries are batched.
+
+One matrix product ranks every reference for a whole batch of queries, but BLAS rounds a
+product differently for different batch sizes (a one-row product takes another kernel than a
+32-row one): the same embedding would get a novelty score differing in the last bits, and after
+the cancellation in |q|^2 + |r|^2 - 2 q.r by up to 5e-4 for near-duplicates, depending on what
+else was in its batch. With the adaptive batcher gathering requests, a request's scores must not
+depend on its neighbours in the queue.
+
+So the product only selects candidates: every reference whose approximate squared distance is
+within a rounding bound of the approximate k-th smallest. That set provably holds the true k
+nearest, and their distances are then computed from the differences, row by row, which is
+exact to float32 rounding and the same whatever the batch. The result is the k-th smallest of
+those, at about the cost of the plain product (the candidate sets are a handful of rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+_EPS = float(np.finfo(np.float32).eps)
+# Bounds the [queries x references] block held at once (16 MiB), as the exact index does.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class ExactKthDistance:
+    """k-th nearest-neighbour Euclidean distance to a fixed reference, batch-invariant."""
+
+    def __init__(self, reference: npt.ArrayLike) -> None:
+        rows = np.array(reference, dtype=np.float32, copy=True)
+        if rows.ndim != 2 or len(rows) == 0:
+            raise ValueError(f"reference must be a non-empty 2-D array, got shape {rows.shape}")
+        self._reference = rows
+        self._transposed = np.ascontiguousarray(rows.T)
+        self._squared_norms = np.einsum("ij,ij->i", rows, rows)
+        # The rounding bound of one approximate squared distance, times two (see module doc):
+        # float32 dot products of dimension d err by at most about d * eps * |q| |r|.
+        scale = max(1.0, float(self._squared_norms.max()))
+        self._tolerance_per_query_norm = 8.0 * rows.shape[1] * _EPS * scale
+
+    @property
+    def size(self) -> int:
+        return len(self._reference)
+
+    @property
+    def dim(self) -> int:
+        return int(self._reference.shape[1])
+
+    def kth_distance(self, queries: npt.ArrayLike, k: int) -> FloatArray:
+        """Distance from each query row to its k-th nearest reference, float32 [n_queries].
+
+        k is clamped to the reference size; a row holding NaN or infinity gets NaN.
+        """
+        rows = np.ascontiguousarray(queries, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (n, {self.dim}), got {rows.shape}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        k = min(k, self.size)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            result = np.full(len(rows), np.nan, dtype=np.float32)
+            if finite.any():
+                result[finite] = self.kth_distance(rows[finite], k)
+            return result
+        step = max(1, _BLOCK_ELEMENTS // self.size)
+        if len(rows) <= step:
+            return self._kth(rows, k)
+        return np.concatenate(
+            [self._kth(rows[start : start + step], k) for start in range(0, len(rows), step)]
+        )
+
+    def _kth(self, queries: FloatArray, k: int) -> FloatArray:
+        # |r|^2 - 2 q.r ranks references like the squared distance (|q|^2 is the same per row).
+        approximate = queries @ self._transposed
+        approximate *= -2.0
+        approximate += self._squared_norms
+        if k == 1:
+            kth_approximate = approximate.min(axis=1)
+        else:
+            kth_approximate = np.partition(approximate, k - 1, axis=1)[:, k - 1]
+        # One bound for the block, from its largest query: a wider bound only adds candidates,
+        # which cannot change the result.
+        largest_norm = float(np.einsum("ij,ij->i", queries, queries).max())
+        tolerance = self._tolerance_per_query_norm * max(largest_norm, 1.0)
+        candidates = approximate <= (kth_approximate + tolerance)[:, None]
+        if k == 1 and np.count_nonzero(candidates) == len(queries):
+            # The common case: one candidate per query, the approximate nearest.
+            differences = self._reference[approximate.argmin(axis=1)] - queries
+            nearest: FloatArray = np.sqrt(np.einsum("ij,ij->i", differences, differences))
+            return nearest
+        # Row-major: candidates come out grouped by query, in query order.
+        query_of, reference_of = np.divmod(np.flatnonzero(candidates), self.size)
+        differences = self._reference[reference_of] - queries[query_of]
+        squared = np.einsum("ij,ij->i", differences, differences)
+        starts = np.searchsorted(query_of, np.arange(len(queries)))
+        if k == 1:
+            kth_squared = np.minimum.reduceat(squared, starts)
+        else:
+            # Sorted by query, then by distance: the k-th of each query's group.
+            order = np.lexsort((squared, query_of))
+            kth_squared = squared[order][starts + k - 1]
+        result: FloatArray = np.sqrt(kth_squared)
+        return result
