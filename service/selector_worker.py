@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.commands.core import Script
 
 from service.events import Event, decode_event
 from service.label_queue import LabelQueue, QueueItem
@@ -40,6 +41,18 @@ from service.worker_metrics import WorkerMetrics
 logger = logging.getLogger("edgeharvest.selector")
 
 GROUP = "selector"
+
+# KEYS = the budget counters of one model version and window (one hash tag, one Cluster slot)
+# ARGV[1] = their time to live in seconds, ARGV[1 + i] = the amount added to KEYS[i]
+# A script rather than MULTI: the cluster client of redis-py 5 (which we support) refuses
+# transactions, and a counter without its expiry (a crash between the two) would never go away.
+SPEND_BUDGET_LUA = """
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, ARGV[i + 1])
+  redis.call('EXPIRE', key, ARGV[1])
+end
+return #KEYS
+"""
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,7 @@ class SelectorWorker:
             )
             for s in streams
         }
+        self._spend: Script = redis_client.register_script(SPEND_BUDGET_LUA)
         self._rng = np.random.default_rng(seed)
         self._stop = threading.Event()
 
@@ -278,17 +292,14 @@ class SelectorWorker:
         if count <= 0:
             return
         window = self.budget.window_start(now)
-        pipe: Any = self.redis.pipeline(transaction=True)
         counters = [(selector_budget(stream.model, stream.version, window), count)]
         counters += [
             (selector_budget(stream.model, stream.version, window, lane=lane), lanes[lane])
             for lane, _ in self._capped_lanes()
         ]
-        for key, amount in counters:
-            pipe.incrby(key, amount)
-            # The counter outlives its window by one window, then expires.
-            pipe.expire(key, 2 * self.budget.window_seconds)
-        pipe.execute()
+        # The counters outlive their window by one window, then expire.
+        ttl = 2 * self.budget.window_seconds
+        self._spend(keys=[key for key, _ in counters], args=[ttl, *(n for _, n in counters)])
 
 
 def selection_config(overrides: dict[str, float]) -> SelectionConfig:
