@@ -262,14 +262,22 @@ class LoadSettings:
 
 
 def run_wrk(
-    url: str, script: Path, load: LoadSettings, duration: int, pinning: Pinning
+    url: str,
+    script: Path,
+    load: LoadSettings,
+    duration: int,
+    pinning: Pinning,
+    timeout_seconds: int | None = None,
 ) -> WrkResult:
+    """`timeout_seconds`: wrk's per-request timeout (its default is 2 s; slower answers count
+    as socket timeouts)."""
     command = [
         *Pinning.prefix(pinning.client),
         "wrk",
         "-t", str(load.threads),
         "-c", str(load.connections),
         "-d", f"{duration}s",
+        *(["--timeout", f"{timeout_seconds}s"] if timeout_seconds else []),
         "--latency",
         "-s", str(script),
         url,

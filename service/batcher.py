@@ -6,9 +6,10 @@ concatenates it, runs the model once, and gives each request its rows back. It n
 a timer: a request that finds the model idle and the queue empty runs at once, alone, so light
 traffic pays no latency for batching; under load, requests gather while a batch runs.
 
-Large batches run in a thread of their own, so the event loop keeps reading requests meanwhile
+Slow batches run in a thread of their own, so the event loop keeps reading requests meanwhile
 and the next batch starts as soon as the model is free, while the last one's results are being
-shaped; small ones run inline, where a thread hop would cost more than the model.
+shaped; quick ones run inline, where a thread hop would cost more than the model. Which is which
+follows from the model's measured duration at one instance and at a full batch.
 
 Admission is bounded by the wait a request can expect (`batch_plan.admit`): past the maximum
 queueing delay it is refused with `QueueFull` (503 and `Retry-After`) rather than queued to
@@ -41,6 +42,10 @@ from service.onnx_classifier import Prediction
 logger = logging.getLogger("edgeharvest.batcher")
 
 Result = TypeVar("Result")
+
+# A batch expected to take this long runs in the batcher's thread: a thread hop costs tens of
+# microseconds, and an event loop held for longer than this delays every other request.
+OFFLOAD_MIN_SECONDS = 0.001
 
 # Runs the model on a batch (inline or in the batcher's thread).
 Infer = Callable[[np.ndarray], Prediction]
@@ -100,14 +105,17 @@ class AdaptiveBatcher(Generic[Result]):
         policy: BatchingPolicy,
         infer: Infer,
         finish: Finish[Result],
-        offload: Callable[[int], bool],
         *,
+        offload_min_values: int | None = None,
+        offload_min_seconds: float = OFFLOAD_MIN_SECONDS,
         initial_batch_seconds: float | None = None,
         executor: Executor | None = None,
         metrics: BatcherMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """`offload(values)`: whether a batch of that many input values runs in the thread.
+        """A batch runs in the batcher's thread when it holds at least `offload_min_values`
+        input values, or when the warm-up measurements (see `start`) predict it takes at least
+        `offload_min_seconds`; otherwise inline.
 
         `initial_batch_seconds` is a full batch's duration until batches are measured; unset,
         `start(warm_up=...)` measures it.
@@ -116,7 +124,11 @@ class AdaptiveBatcher(Generic[Result]):
         self.policy = policy
         self._infer = infer
         self._finish = finish
-        self._offload = offload
+        self._offload_min_values = offload_min_values
+        self._offload_min_seconds = offload_min_seconds
+        # Warm-up durations of one instance and of a full batch, for `_offloads`.
+        self._one_seconds: float | None = None
+        self._full_seconds: float | None = None
         # One thread: the model runs one batch at a time, that is the point.
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._owns_executor = executor is None
@@ -170,10 +182,16 @@ class AdaptiveBatcher(Generic[Result]):
             raise RuntimeError(f"the batcher of model '{self.name}' was started twice")
         if warm_up is not None:
             loop = asyncio.get_running_loop()
-            for _ in range(2):
-                _, seconds = await loop.run_in_executor(self._executor, self._timed, warm_up)
+            durations = {}
+            for size in (1, len(warm_up)):
+                for _ in range(2):
+                    _, seconds = await loop.run_in_executor(
+                        self._executor, self._timed, warm_up[:size]
+                    )
+                durations[size] = seconds
+            self._one_seconds, self._full_seconds = durations[1], durations[len(warm_up)]
             if self.batch_seconds is None:
-                self.batch_seconds = seconds * self.policy.max_batch_size / len(warm_up)
+                self.batch_seconds = self._full_seconds * self.policy.max_batch_size / len(warm_up)
         self._task = asyncio.create_task(self._serve(), name=f"edgeharvest-batcher-{self.name}")
 
     async def stop(self) -> None:
@@ -228,7 +246,7 @@ class AdaptiveBatcher(Generic[Result]):
             self._observe(current, seconds)
             # The model is free: a batch for the thread starts now, while this one's results
             # are shaped on the loop; an inline one starts after, it would hold them up.
-            if self._queue and self._offload(sum(r.batch.size for r in self._next_requests())):
+            if self._queue and self._offloads(self._next_requests()):
                 running = self._dispatch()
             if running is None:
                 self._running = False
@@ -259,10 +277,25 @@ class AdaptiveBatcher(Generic[Result]):
         else:
             batch = np.concatenate([r.batch for r in requests], axis=0)
         self._running = True
-        return _Running(requests, batch, self._start_job(batch))
+        return _Running(requests, batch, self._start_job(batch, self._offloads(requests)))
 
-    def _start_job(self, batch: np.ndarray) -> asyncio.Future[tuple[Prediction, float]] | None:
-        if not self._offload(batch.size):
+    def _offloads(self, requests: Sequence[_Queued[Result]]) -> bool:
+        """Whether these requests' batch should run in the thread."""
+        values = sum(r.batch.size for r in requests)
+        if self._offload_min_values is not None and values >= self._offload_min_values:
+            return True
+        if self._one_seconds is None or self._full_seconds is None:
+            return False
+        # Interpolated between the two warm-up sizes: a fixed cost plus one per instance.
+        instances = sum(len(r.batch) for r in requests)
+        slope = (self._full_seconds - self._one_seconds) / max(1, self.policy.max_batch_size - 1)
+        expected = self._one_seconds + slope * (instances - 1)
+        return expected >= self._offload_min_seconds
+
+    def _start_job(
+        self, batch: np.ndarray, offload: bool
+    ) -> asyncio.Future[tuple[Prediction, float]] | None:
+        if not offload:
             return None
         loop = asyncio.get_running_loop()
         return asyncio.ensure_future(loop.run_in_executor(self._executor, self._timed, batch))
@@ -314,7 +347,8 @@ class AdaptiveBatcher(Generic[Result]):
             error,
         )
         for request in running.requests:
-            alone = _Running([request], request.batch, self._start_job(request.batch))
+            job = self._start_job(request.batch, self._offloads([request]))
+            alone = _Running([request], request.batch, job)
             try:
                 prediction, seconds = await self._outcome(alone)
             except Exception as exc:

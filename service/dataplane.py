@@ -119,7 +119,7 @@ class DataPlane:
             policy,
             model.predict,
             finish,
-            self._offload,
+            offload_min_values=self.settings.threadpool_min_elements,
             metrics=self.metrics.for_model(model.name, model.version),
         )
 

@@ -79,7 +79,7 @@ def batcher(
         policy,
         model.predict,
         split,
-        lambda values: offload,
+        offload_min_values=0 if offload else None,
         initial_batch_seconds=batch_seconds,
         metrics=recorder,
     )
@@ -147,7 +147,7 @@ async def test_requests_queued_while_a_batch_runs_form_the_next_batch(
         BatchingPolicy(8, 60.0),
         digits.predict,
         split,
-        lambda values: True,
+        offload_min_values=0,
         initial_batch_seconds=1.0,
         executor=thread,
         metrics=recorder,
