@@ -15,6 +15,8 @@ from starlette.types import ASGIApp
 from threadpoolctl import threadpool_limits
 
 from service import __version__
+from service.access_control import AccessControl
+from service.auth import KeyRing
 from service.dataplane import DataPlane
 from service.drift_desk import DriftDesk
 from service.drift_metrics import DriftCollector
@@ -171,14 +173,22 @@ def create_app(
 
 
 class EdgeharvestApp(FastAPI):
-    """FastAPI with the prediction fast path in front of its whole middleware stack.
+    """FastAPI with access control, then the prediction fast path, in front of its whole
+    middleware stack.
 
     `add_middleware` would still place it inside FastAPI's own error, telemetry and body-limit
     middleware, a few microseconds per request; the fast path handles its own errors.
     """
 
     def build_middleware_stack(self) -> ASGIApp:
-        return FastPredictionRoutes(super().build_middleware_stack(), self.state.dataplane)
+        settings: Settings = self.state.settings
+        return AccessControl(
+            FastPredictionRoutes(super().build_middleware_stack(), self.state.dataplane),
+            KeyRing(settings.api_keys),
+            max_concurrent_requests=settings.max_concurrent_requests,
+            request_timeout_seconds=settings.request_timeout_seconds,
+            protect_observability=settings.auth_protect_observability,
+        )
 
 
 def _error(status: int, message: str) -> JSONResponse:

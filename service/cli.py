@@ -35,6 +35,30 @@ reference_app = typer.Typer(help="Build reference profiles.", no_args_is_help=Tr
 app.add_typer(reference_app, name="reference")
 
 
+apikey_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="Who holds the key (shown in 403 messages)")],
+    role: Annotated[list[str], typer.Option(help="predict, label or admin (repeat for several)")],
+) -> None:
+    """Print a new random API key and the EDGEHARVEST_API_KEYS entry that holds its hash."""
+    from pydantic import ValidationError
+
+    from service.auth import ApiKey, hash_key, new_api_key
+
+    key = new_api_key()
+    try:
+        entry = ApiKey(name=name, sha256=hash_key(key), roles=role)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        _fail(f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']} (roles: predict, label, admin)")
+    typer.echo(f"key (give it to {name}; it is not stored anywhere): {key}")
+    typer.echo("EDGEHARVEST_API_KEYS entry (a JSON list of these):")
+    typer.echo(json.dumps(entry.model_dump()))
+
+
 def _settings(model_dir: Path | None) -> Settings:
     from service.settings import Settings
 

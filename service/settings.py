@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.auth import ApiKey
+
 GraphOptimizationLevel = Literal["disable", "basic", "extended", "all"]
 
 
@@ -25,6 +27,17 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=1, ge=0)
     inter_op_threads: int = Field(default=1, ge=0)
     graph_optimization_level: GraphOptimizationLevel = "all"
+
+    # API keys with roles (predict, label, admin); empty: no authentication. JSON list of
+    # {"name": ..., "sha256": <hex sha256 of the key>, "roles": [...]}, e.g. from
+    # `edgeharvest apikey create --name team-a --role label`. Only hashes are configured.
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    # Health, metrics and docs stay open (probes, Prometheus) unless this is set.
+    auth_protect_observability: bool = False
+    # Requests in flight beyond this get 503 with Retry-After instead of an ever-growing queue.
+    max_concurrent_requests: int = Field(default=512, ge=1)
+    # A request whose response has not started after this long is cancelled with 504.
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Limits on what one request may ask for.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
