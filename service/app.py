@@ -34,7 +34,7 @@ from service.prediction_scorer import PredictionScorer
 from service.queue_metrics import LabelQueueCollector
 from service.redis_connection import create_async_redis, create_redis
 from service.request_metrics import RequestMetricsMiddleware
-from service.routers import drift, inference_protocol, labeling, observability, predict
+from service.routers import console, drift, inference_protocol, labeling, observability, predict
 from service.scores import FlagThresholds
 from service.settings import Settings
 
@@ -167,6 +167,7 @@ def create_app(
     app.include_router(labeling.router)
     app.include_router(drift.router)
     app.include_router(observability.router)
+    app.include_router(console.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
     install_error_handlers(app)
     return app

@@ -1,0 +1,1 @@
+"""The browser console: static files in `static/` (no build step) and the JSON it reads."""
