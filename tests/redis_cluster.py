@@ -23,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
-import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -103,11 +102,6 @@ class RedisCluster:
                 node.process.wait()
         self.nodes = []
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def client(self) -> redis.cluster.RedisCluster:
-        return redis.cluster.RedisCluster(
-            host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5
-        )
 
     def node_of_slot(self, slot: int) -> ClusterNode:
         share = SLOTS // self.size
