@@ -50,7 +50,7 @@ def fill_stream(client: redis.Redis, events: int, seed: int) -> None:
     settings = Settings(model_dir=REPO / "models")
     repository = ModelRepository.from_directory(settings.model_dir, SessionConfig())
     model = repository.get("digits")
-    scorer = build_scorers(repository, settings)[("digits", "1")]
+    scorer = build_scorers(repository.references, settings)[("digits", "1")]
     rng = np.random.default_rng(seed)
     digits = load_digits().data.astype(np.float32)
     written = 0

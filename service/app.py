@@ -26,6 +26,7 @@ from service.event_log import EventLog
 from service.fast_routes import FastPredictionRoutes
 from service.label_desk import LabelDesk
 from service.metrics import ServiceMetrics
+from service.model_lifecycle import ModelLifecycle
 from service.model_repository import ModelRepository
 from service.monitoring import PredictionMonitor
 from service.neighbour_index import build_neighbour_index
@@ -33,8 +34,10 @@ from service.onnx_classifier import SessionConfig
 from service.prediction_scorer import PredictionScorer
 from service.queue_metrics import LabelQueueCollector
 from service.redis_connection import create_async_redis, create_redis
+from service.reference_profile import ReferenceProfile
 from service.request_metrics import RequestMetricsMiddleware
 from service.routers import console, drift, inference_protocol, labeling, observability, predict
+from service.routers import repository as repository_router
 from service.scores import FlagThresholds
 from service.settings import Settings
 
@@ -50,7 +53,7 @@ def session_config(settings: Settings) -> SessionConfig:
 
 
 def build_scorers(
-    repository: ModelRepository, settings: Settings
+    references: dict[tuple[str, str], ReferenceProfile], settings: Settings
 ) -> dict[tuple[str, str], PredictionScorer]:
     thresholds = FlagThresholds(settings.low_confidence_percentile, settings.novel_percentile)
     # numpy's BLAS is limited to one thread for the whole process (the kNN search is the only
@@ -64,7 +67,7 @@ def build_scorers(
             ),
             thresholds,
         )
-        for key, profile in repository.references.items()
+        for key, profile in references.items()
     }
 
 
@@ -93,13 +96,16 @@ def create_app(
             metrics=metrics,
         )
         monitor = PredictionMonitor(
-            build_scorers(repository, settings),
+            build_scorers(repository.references, settings),
             metrics,
             event_log,
             input_sample_rate=settings.event_input_sample_rate,
             max_input_bytes=settings.event_max_input_bytes,
         )
     dataplane = DataPlane(repository, settings, metrics, monitor)
+    lifecycle = ModelLifecycle(
+        dataplane, session_config(settings), lambda references: build_scorers(references, settings)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -157,6 +163,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.dataplane = dataplane
+    app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.event_log = event_log
     app.state.label_desk = None  # set once Redis is connected
@@ -166,6 +173,7 @@ def create_app(
     app.include_router(inference_protocol.router)
     app.include_router(labeling.router)
     app.include_router(drift.router)
+    app.include_router(repository_router.router)
     app.include_router(observability.router)
     app.include_router(console.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)

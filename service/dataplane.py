@@ -126,13 +126,78 @@ class DataPlane:
     def _offload(self, values: int) -> bool:
         return values >= self.settings.threadpool_min_elements
 
+    @staticmethod
+    def _full_batch(model: OnnxClassifier, policy: BatchingPolicy) -> np.ndarray:
+        spec = model.manifest.input
+        shape = [policy.max_batch_size, *(2 if d == -1 else d for d in spec.shape[1:])]
+        return np.zeros(shape, dtype=OIP_TO_NUMPY[spec.datatype])
+
     async def start(self) -> None:
         """Start the batchers, each warmed up on a full batch; then serve."""
         for (name, version), batcher in self.batchers.items():
-            spec = self.repository.get(name, version).manifest.input
-            shape = [batcher.policy.max_batch_size, *(2 if d == -1 else d for d in spec.shape[1:])]
-            await batcher.start(warm_up=np.zeros(shape, dtype=OIP_TO_NUMPY[spec.datatype]))
+            model = self.repository.get(name, version)
+            await batcher.start(warm_up=self._full_batch(model, batcher.policy))
         self.mark_ready()
+
+    async def swap_in(
+        self,
+        name: str,
+        models: list[OnnxClassifier],
+        references: dict[tuple[str, str], Any],
+        scorers: dict[tuple[str, str], Any],
+    ) -> None:
+        """Serve freshly loaded (and warmed-up) versions of `name` instead of the current ones.
+
+        Their batchers are started and warmed up first; then one synchronous swap (no request
+        sees half of it); then the replaced batchers drain what they had queued. Requests that
+        already hold a replaced model finish on it.
+        """
+        # Metrics and score outputs first: additive, and the batchers report to them.
+        for model in models:
+            key = (model.name, model.version)
+            self._score_outputs[key] = (
+                []
+                if self.monitor is None
+                else score_output_names(
+                    model.manifest.outputs.logits is not None, key in references
+                )
+            )
+            self.metrics.register_model(
+                model.name,
+                model.version,
+                model.manifest.sha256,
+                model.manifest.platform,
+                model.class_names,
+                key in references,
+            )
+        started = {}
+        for model in models:
+            policy = batching_policy(model, self.settings)
+            if policy is not None:
+                batcher = self._batcher(model, policy)
+                await batcher.start(warm_up=self._full_batch(model, policy))
+                started[(model.name, model.version)] = batcher
+        # From here to the drain nothing awaits: the swap is atomic on the event loop.
+        replaced = self.repository.replace(name, models, references)
+        loaded = {(m.name, m.version, m.manifest.sha256) for m in models}
+        for model in replaced:
+            if (model.name, model.version, model.manifest.sha256) not in loaded:
+                info = (model.name, model.version, model.manifest.sha256, model.manifest.platform)
+                self.metrics.model_info.remove(*info)
+        if self.monitor is not None:
+            for model in replaced:
+                self.monitor.scorers.pop((model.name, model.version), None)
+            self.monitor.scorers.update(scorers)
+        drained = [
+            self.batchers.pop(key)
+            for key in ((m.name, m.version) for m in replaced)
+            if key in self.batchers
+        ]
+        self.batchers.update(started)
+        for model in models:
+            model.ready = True
+        for batcher in drained:
+            await batcher.stop()
 
     async def stop(self) -> None:
         """Refuse new predictions and finish those already queued or running."""

@@ -36,15 +36,21 @@ def drift_summary(store: DriftStore, has_reference: bool, limit: int) -> dict[st
 class DriftDesk:
     def __init__(self, repository: ModelRepository, redis: SyncRedis) -> None:
         self.repository = repository
-        self._stores = {
-            (m.name, m.version): DriftStore(redis, m.name, m.version) for m in repository
-        }
+        self._redis = redis
+        self._stores: dict[tuple[str, str], DriftStore] = {}
+
+    def _store(self, name: str, version: str) -> DriftStore:
+        """The drift keys of a served version, made on first use (versions may be loaded later)."""
+        store = self._stores.get((name, version))
+        if store is None:
+            store = self._stores[(name, version)] = DriftStore(self._redis, name, version)
+        return store
 
     @property
     def stores(self) -> list[DriftStore]:
-        return list(self._stores.values())
+        return [self._store(m.name, m.version) for m in self.repository]
 
     def summary(self, name: str, version: str | None, limit: int) -> dict[str, Any]:
         model = self.repository.get(name, version)  # raises ModelNotFound, naming what exists
         key = (model.name, model.version)
-        return drift_summary(self._stores[key], key in self.repository.references, limit)
+        return drift_summary(self._store(*key), key in self.repository.references, limit)

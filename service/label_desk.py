@@ -34,18 +34,25 @@ class LabelDesk:
     ) -> None:
         self.repository = repository
         self.clock = clock
-        self._queues = {
-            (m.name, m.version): LabelQueue(redis, m.name, m.version, lease_seconds=lease_seconds)
-            for m in repository
-        }
+        self._redis = redis
+        self._lease_seconds = lease_seconds
+        self._queues: dict[tuple[str, str], LabelQueue] = {}
+
+    def _queue(self, name: str, version: str) -> LabelQueue:
+        """The queue of a served version, made on first use (versions may be loaded later)."""
+        queue = self._queues.get((name, version))
+        if queue is None:
+            queue = LabelQueue(self._redis, name, version, lease_seconds=self._lease_seconds)
+            self._queues[(name, version)] = queue
+        return queue
 
     @property
     def queues(self) -> list[LabelQueue]:
-        return list(self._queues.values())
+        return [self._queue(m.name, m.version) for m in self.repository]
 
     def _resolve(self, name: str, version: str | None) -> tuple[LabelQueue, Manifest]:
         model = self.repository.get(name, version)
-        return self._queues[(model.name, model.version)], model.manifest
+        return self._queue(model.name, model.version), model.manifest
 
     def _check_label(self, manifest: Manifest, label: str) -> None:
         if label not in manifest.class_names:

@@ -82,6 +82,48 @@ class ModelRepository:
             found.append((manifest, profile))
         return found
 
+    @staticmethod
+    def load_versions(
+        model_dir: Path, name: str, config: SessionConfig
+    ) -> tuple[list[OnnxClassifier], dict[tuple[str, str], ReferenceProfile]]:
+        """Load (and warm up) every version of one model from disk, with its checked reference.
+
+        Raises ModelNotFound when no manifest names the model, ModelLoadError when one cannot be
+        served; nothing already served is touched.
+        """
+        paths = [p for p in _manifest_paths(model_dir) if Manifest.load(p).name == name]
+        if not paths:
+            raise ModelNotFound(f"no manifest under {model_dir} names a model '{name}'")
+        models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in paths]
+        references = {}
+        for model in models:
+            path = model.directory / REFERENCE_FILE
+            if path.is_file():
+                profile = ReferenceProfile.load(path)
+                profile.check_model(model.name, model.version, model.manifest.sha256)
+                references[(model.name, model.version)] = profile
+        return models, references
+
+    def replace(
+        self,
+        name: str,
+        models: list[OnnxClassifier],
+        references: dict[tuple[str, str], ReferenceProfile],
+    ) -> list[OnnxClassifier]:
+        """Serve `models` as every version of `name` from now on; returns the ones replaced.
+
+        One synchronous step, so on the event loop no request sees half of it; requests already
+        holding an old model finish on it.
+        """
+        replaced = list(self._models.get(name, {}).values())
+        versions = {m.version: m for m in models}
+        self._models[name] = versions
+        self._latest[name] = versions[max(versions, key=version_key)]
+        for model in replaced:
+            self.references.pop((model.name, model.version), None)
+        self.references.update(references)
+        return replaced
+
     @classmethod
     def from_directory(
         cls, model_dir: Path, config: SessionConfig, *, load_references: bool = True
