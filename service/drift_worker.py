@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from service.drift_detectors import DriftConfig, ReferenceSample, WindowEvaluator
@@ -37,6 +36,7 @@ from service.drift_windows import (
 )
 from service.events import Event, decode_event
 from service.redis_connection import SyncRedis
+from service.stream_group import GroupReader, run_rounds
 
 logger = logging.getLogger("edgeharvest.drift")
 
@@ -116,9 +116,14 @@ class DriftWorker:
         self.consumer = consumer
         self.config = config
         self.metrics = metrics
-        self.round_size = round_size
-        self.block_ms = block_ms
-        self.claim_idle_ms = claim_idle_ms
+        self.reader = GroupReader(
+            redis_client,
+            GROUP,
+            consumer,
+            round_size=round_size,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+        )
         self.history_size = history_size
         self.grace_seconds = grace_seconds
         self.clock = clock
@@ -137,52 +142,25 @@ class DriftWorker:
 
     def ensure_groups(self) -> None:
         for store in self.stores.values():
-            try:
-                # From the start: events logged before any drift worker ran count too.
-                self.redis.xgroup_create(store.stream_key, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            self.reader.ensure_group(store.stream_key)
 
     def run(self, burst: bool = False) -> int:
         """Process rounds until stopped; with `burst`, until every stream is drained."""
         self.ensure_groups()
-        processed = 0
-        try:
-            while not self._stop.is_set():
-                count = sum(self.process_stream(s, block=not burst) for s in self.streams)
-                processed += count
-                if burst and count == 0:
-                    break
-        finally:
-            logger.info("drift worker %s stopped after %d events", self.consumer, processed)
-        return processed
+
+        def one_round(block: bool) -> int:
+            return sum(self.process_stream(s, block=block) for s in self.streams)
+
+        return run_rounds(self._stop, one_round, burst, logger, f"drift worker {self.consumer}")
 
     def process_stream(self, stream: DriftStream, block: bool = False) -> int:
         """One round on one stream: ingest stale pending events or new ones, close windows."""
         store = self.stores[(stream.model, stream.version)]
-        entries = self._claim_stale(store)
-        if not entries:
-            block_ms = self.block_ms if block and len(self.streams) == 1 else None
-            reply: Any = self.redis.xreadgroup(
-                GROUP, self.consumer, {store.stream_key: ">"}, count=self.round_size, block=block_ms
-            )
-            entries = reply[0][1] if reply else []
+        entries = self.reader.read_round(store.stream_key, block=block and len(self.streams) == 1)
         if entries:
             self._ingest(stream, store, entries)
         self.close_windows(stream)
         return len(entries)
-
-    def _claim_stale(self, store: DriftStore) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = self.redis.xautoclaim(
-            store.stream_key,
-            GROUP,
-            self.consumer,
-            min_idle_time=self.claim_idle_ms,
-            start_id="0-0",
-            count=self.round_size,
-        )
-        return [(i, f) for i, f in reply[1] if f]
 
     def _ingest(
         self,

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import redis
 from redis.commands.core import Script
 
 from service.events import Event, decode_event
@@ -36,6 +35,7 @@ from service.selection_policy import (
     content_hash,
     select_round,
 )
+from service.stream_group import GroupReader, run_rounds
 from service.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger("edgeharvest.selector")
@@ -133,9 +133,14 @@ class SelectorWorker:
         self.config = config
         self.budget = budget
         self.metrics = metrics
-        self.round_size = round_size
-        self.block_ms = block_ms
-        self.claim_idle_ms = claim_idle_ms
+        self.reader = GroupReader(
+            redis_client,
+            GROUP,
+            consumer,
+            round_size=round_size,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+        )
         self.clock = clock
         self.queues = {
             (s.model, s.version): LabelQueue(
@@ -156,54 +161,25 @@ class SelectorWorker:
 
     def ensure_groups(self) -> None:
         for stream in self.streams:
-            key = event_stream(stream.model, stream.version)
-            try:
-                # From the start of the stream: events logged before any worker ran count too.
-                self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            self.reader.ensure_group(event_stream(stream.model, stream.version))
 
     def run(self, burst: bool = False) -> int:
         """Process rounds until stopped; with `burst`, until every stream is drained."""
         self.ensure_groups()
-        processed = 0
-        try:
-            while not self._stop.is_set():
-                count = sum(self.process_stream(s, block=not burst) for s in self.streams)
-                processed += count
-                if burst and count == 0:
-                    break
-        finally:
-            logger.info("selector %s stopped after %d events", self.consumer, processed)
-        return processed
+
+        def one_round(block: bool) -> int:
+            return sum(self.process_stream(s, block=block) for s in self.streams)
+
+        return run_rounds(self._stop, one_round, burst, logger, f"selector {self.consumer}")
 
     def process_stream(self, stream: ModelStream, block: bool = False) -> int:
         """One round on one stream: stale pending events first, then new ones."""
         key = event_stream(stream.model, stream.version)
-        entries = self._claim_stale(key)
-        if not entries:
-            block_ms = self.block_ms if block and len(self.streams) == 1 else None
-            reply: Any = self.redis.xreadgroup(
-                GROUP, self.consumer, {key: ">"}, count=self.round_size, block=block_ms
-            )
-            entries = reply[0][1] if reply else []
+        entries = self.reader.read_round(key, block=block and len(self.streams) == 1)
         if not entries:
             return 0
         self._process(stream, key, entries)
         return len(entries)
-
-    def _claim_stale(self, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = self.redis.xautoclaim(
-            key,
-            GROUP,
-            self.consumer,
-            min_idle_time=self.claim_idle_ms,
-            start_id="0-0",
-            count=self.round_size,
-        )
-        # [next id, claimed entries, deleted ids]; entries trimmed away come back as None.
-        return [(i, f) for i, f in reply[1] if f]
 
     def _process(
         self, stream: ModelStream, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]

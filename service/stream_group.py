@@ -1,0 +1,92 @@
+"""One consumer of a Redis consumer group on event streams: what the selector and drift workers
+share. A round takes the entries another consumer left pending for too long (it died) before
+new ones, so nothing read is ever left behind; rounds repeat until stopped or drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from service.redis_connection import SyncRedis
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class GroupReader:
+    def __init__(
+        self,
+        redis_client: SyncRedis,
+        group: str,
+        consumer: str,
+        *,
+        round_size: int,
+        block_ms: int,
+        claim_idle_ms: int,
+    ) -> None:
+        self.redis = redis_client
+        self.group = group
+        self.consumer = consumer
+        self.round_size = round_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+
+    def ensure_group(self, key: str) -> None:
+        try:
+            # From the start of the stream: events logged before any worker ran count too.
+            self.redis.xgroup_create(key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_round(self, key: str, block: bool) -> list[Entry]:
+        """Stale pending entries of the group if any, else new ones (waiting up to `block_ms`
+        when `block`)."""
+        entries = self._claim_stale(key)
+        if entries:
+            return entries
+        reply: Any = self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {key: ">"},
+            count=self.round_size,
+            block=self.block_ms if block else None,
+        )
+        return reply[0][1] if reply else []
+
+    def _claim_stale(self, key: str) -> list[Entry]:
+        reply: Any = self.redis.xautoclaim(
+            key,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=self.round_size,
+        )
+        # [next id, claimed entries, deleted ids]; entries trimmed away come back as None.
+        return [(i, f) for i, f in reply[1] if f]
+
+
+def run_rounds(
+    stop: threading.Event,
+    one_round: Callable[[bool], int],
+    burst: bool,
+    logger: logging.Logger,
+    name: str,
+) -> int:
+    """Call `one_round(block)` until `stop` is set; with `burst`, until a round finds nothing.
+    Returns the number of entries processed."""
+    processed = 0
+    try:
+        while not stop.is_set():
+            count = one_round(not burst)
+            processed += count
+            if burst and count == 0:
+                break
+    finally:
+        logger.info("%s stopped after %d events", name, processed)
+    return processed
