@@ -1,7 +1,8 @@
 """Serving throughput and latency: edgeharvest's endpoints against a plain FastAPI baseline.
 
     .venv/bin/python bench/serving.py [--duration 10] [--connections 16] [--threads 2]
-        [--batch 1] [--output bench/results/serving.json] [--service-env NAME=VALUE ...]
+        [--batch 1] [--rounds 1] [--output bench/results/serving.json]
+        [--service-env NAME=VALUE ...]
 
 Every contender serves the committed digits model and runs in this one invocation, one after
 the other, each in its own process on a free loopback port. For each: wait for readiness, check
@@ -25,6 +26,11 @@ time per request are the API process's own. `--embedded-redis` lets each service
 embedded Redis instead, which inherits the server's core: the figures are then what one core
 serves, everything included. Either way each edgeharvest process gets a fresh data folder.
 
+`--rounds R` measures every contender R times, in turn, and reports medians: on a machine
+shared with other work, the load drifts during a run, and rounds spread that drift over all
+contenders. After the table come same-run ratios between edgeharvest configurations: monitoring
+on against off (issue 3), and the adaptive batcher on against off.
+
 To compare configurations, pass `--service-env` (e.g. EDGEHARVEST_MONITORING_ENABLED=false) or add
 a `Contender` to `contenders()` with the environment that selects it.
 """
@@ -42,6 +48,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +172,25 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             name="edgeharvest OIP infer (JSON)",
             command=service,
             env=edgeharvest_env("oip"),
+            ready_path="/v2/health/ready",
+            path="/v2/models/digits/infer",
+            body=infer_body,
+            read_classes=_classes_from_oip,
+        ),
+        # The same two endpoints without the adaptive batcher: what gathering requests gains.
+        Contender(
+            name="edgeharvest /v1 predict, batching off",
+            command=service,
+            env={**edgeharvest_env("v1-unbatched"), "EDGEHARVEST_BATCHING": "off"},
+            ready_path="/v2/health/ready",
+            path="/v1/models/digits/predict",
+            body=predict_body,
+            read_classes=_classes_from_predictions,
+        ),
+        Contender(
+            name="edgeharvest OIP infer (JSON), batching off",
+            command=service,
+            env={**edgeharvest_env("oip-unbatched"), "EDGEHARVEST_BATCHING": "off"},
             ready_path="/v2/health/ready",
             path="/v2/models/digits/infer",
             body=infer_body,
@@ -461,6 +487,29 @@ def measure(
     )
 
 
+def median_measurement(runs: Sequence[Measurement]) -> Measurement:
+    """Each figure's median over rounds; errors are summed, so any error invalidates it."""
+    if len(runs) == 1:
+        return runs[0]
+    results = [r.wrk for r in runs]
+    wrk = WrkResult(
+        requests_per_second=statistics.median(r.requests_per_second for r in results),
+        requests=sum(r.requests for r in results),
+        latency_ms={
+            p: statistics.median(r.latency_ms[p] for r in results) for p in results[0].latency_ms
+        },
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors={
+            kind: sum(r.socket_errors[kind] for r in results) for kind in results[0].socket_errors
+        },
+    )
+    return Measurement(
+        wrk=wrk,
+        server_cpu_us_per_request=statistics.median(r.server_cpu_us_per_request for r in runs),
+        other_load_share=statistics.median(r.other_load_share for r in runs),
+    )
+
+
 def expected_classes(rows: np.ndarray) -> list[int]:
     session = ort.InferenceSession(str(MODEL_FILE), providers=["CPUExecutionProvider"])
     probabilities = session.run(["probabilities"], {"pixels": rows})[0]
@@ -545,8 +594,8 @@ def summarise(
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| contender | requests/s | p50 ms | p99 ms | req/s ratio vs baseline "
-        "| p99 ratio vs baseline |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| p99 ratio vs baseline | server CPU µs/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         name = row["name"] if row["valid"] else f"{row['name']} **INVALID**"
@@ -555,9 +604,44 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {row['requests_per_second']:,.0f} | {row['latency_ms']['50']:.2f} "
             f"| {row['latency_ms']['99']:.2f} | {row['requests_per_second_ratio']:.2f}x "
-            f"| {row['p99_ratio']:.2f}x |"
+            f"| {row['p99_ratio']:.2f}x | {row['server_cpu_us_per_request']:,.0f} |"
         )
     return "\n".join(lines)
+
+
+# (contender, reference): what monitoring costs, and what the batcher gains, per endpoint.
+PAIRS = (
+    ("edgeharvest /v1 predict", "edgeharvest /v1 predict, monitoring off", "monitoring on/off"),
+    (
+        "edgeharvest OIP infer (JSON)",
+        "edgeharvest OIP infer (JSON), monitoring off",
+        "monitoring on/off",
+    ),
+    ("edgeharvest /v1 predict", "edgeharvest /v1 predict, batching off", "batching on/off"),
+    (
+        "edgeharvest OIP infer (JSON)",
+        "edgeharvest OIP infer (JSON), batching off",
+        "batching on/off",
+    ),
+)
+
+
+def pairwise_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Same-run ratios between edgeharvest configurations (issue 3 targets monitoring on/off:
+    requests/s >= 0.8x, p99 <= 1.3x)."""
+    by_name = {row["name"]: row for row in rows}
+    lines = []
+    for name, reference, what in PAIRS:
+        if name in by_name and reference in by_name:
+            row, ref = by_name[name], by_name[reference]
+            lines.append(
+                f"{name}, {what}: requests/s "
+                f"{_ratio(row['requests_per_second'], ref['requests_per_second']):.2f}x, "
+                f"p99 {_ratio(row['latency_ms']['99'], ref['latency_ms']['99']):.2f}x, "
+                f"server CPU per request "
+                f"{_ratio(row['server_cpu_us_per_request'], ref['server_cpu_us_per_request']):.2f}x"
+            )
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -566,6 +650,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs per contender, in turn; figures are medians"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to CPUs")
     parser.add_argument(
@@ -587,7 +674,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if "=" not in assignment or not assignment.split("=", 1)[0]:
             parser.error(f"--service-env {assignment!r} is not NAME=VALUE")
     args.service_env = dict(a.split("=", 1) for a in args.service_env)
-    for option in ("duration", "connections", "threads", "batch"):
+    for option in ("duration", "connections", "threads", "batch", "rounds"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} is {getattr(args, option)}; expected a positive integer")
     if args.connections < args.threads:
@@ -659,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"server CPUs {pinning.server or 'any'}, wrk CPUs {pinning.client or 'any'}",
         flush=True,
     )
-    results: list[Measurement] = []
+    runs: list[list[Measurement]] = []
     with (
         tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp,
         contextlib.ExitStack() as stack,
@@ -673,31 +760,49 @@ def main(argv: Sequence[str] | None = None) -> int:
                 standalone_redis(workdir, pinning.client)
             )
         entries = contenders(rows, workdir / "state", service_env)
-        for contender in entries:
-            print(f"  {contender.name} ...", end=" ", flush=True)
-            result = measure(contender, load, pinning, expected, workdir)
-            print(
-                f"{result.wrk.requests_per_second:,.0f} req/s, "
-                f"server CPU {result.server_cpu_us_per_request:,.0f} µs/request",
-                flush=True,
-            )
-            for error in result.wrk.errors:
-                print(f"    wrk saw {error}: this run is INVALID", flush=True)
-            if result.other_load_share > BUSY_WARNING_SHARE:
+        runs = [[] for _ in entries]
+        # Rounds go through every contender in turn, so a change in the machine's other load
+        # spreads over all of them instead of skewing one.
+        for round_number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"round {round_number} of {args.rounds}", flush=True)
+            for contender, contender_runs in zip(entries, runs, strict=True):
+                print(f"  {contender.name} ...", end=" ", flush=True)
+                result = measure(contender, load, pinning, expected, workdir)
                 print(
-                    f"    other processes used {result.other_load_share:.0%} of the CPUs "
-                    "meanwhile: these figures are noisy",
+                    f"{result.wrk.requests_per_second:,.0f} req/s, "
+                    f"server CPU {result.server_cpu_us_per_request:,.0f} µs/request",
                     flush=True,
                 )
-            results.append(result)
+                for error in result.wrk.errors:
+                    print(f"    wrk saw {error}: this run is INVALID", flush=True)
+                if result.other_load_share > BUSY_WARNING_SHARE:
+                    print(
+                        f"    other processes used {result.other_load_share:.0%} of the CPUs "
+                        "meanwhile: these figures are noisy",
+                        flush=True,
+                    )
+                contender_runs.append(result)
+    results = [median_measurement(r) for r in runs]
 
     rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
+    for row, contender_runs in zip(rows_out, runs, strict=True):
+        row["rounds"] = [
+            {
+                "requests_per_second": r.wrk.requests_per_second,
+                "latency_ms": r.wrk.latency_ms,
+                "server_cpu_us_per_request": round(r.server_cpu_us_per_request, 1),
+                "other_load_share": round(r.other_load_share, 3),
+            }
+            for r in contender_runs
+        ]
     report = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "parameters": {
             **asdict(load),
             "batch": args.batch,
+            "rounds": args.rounds,
             "warm_up_seconds": WARM_UP_SECONDS,
             "pinning": asdict(pinning),
             "service_env": args.service_env,
@@ -711,6 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(markdown_table(rows_out))
+    comparisons = pairwise_ratios(rows_out)
+    report["comparisons"] = comparisons
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    for line in comparisons:
+        print(line)
     print(f"\nwrote {args.output}")
     if not all(row["valid"] for row in rows_out):
         print("error: some runs saw errors; their figures are not valid", file=sys.stderr)

@@ -3,8 +3,9 @@
 A request joins the model's queue and waits for its share of a batch. One task per model runs
 the batches: whenever the model is free it takes what is queued (`batch_plan.batch_length`),
 concatenates it, runs the model once, and gives each request its rows back. It never waits for
-a timer: a request that finds the model idle and the queue empty runs at once, alone, so light
-traffic pays no latency for batching; under load, requests gather while a batch runs.
+a timer: a request that finds the model idle and the queue empty runs at once, alone (after two
+turns of the event loop, microseconds, in which requests already received may join it), so
+light traffic pays no latency for batching; under load, requests gather while a batch runs.
 
 Slow batches run in a thread of their own, so the event loop keeps reading requests meanwhile
 and the next batch starts as soon as the model is free, while the last one's results are being
@@ -46,6 +47,8 @@ Result = TypeVar("Result")
 # A batch expected to take this long runs in the batcher's thread: a thread hop costs tens of
 # microseconds, and an event loop held for longer than this delays every other request.
 OFFLOAD_MIN_SECONDS = 0.001
+# Event-loop turns a batch that is not full waits for requests already received (`_gather`).
+GATHER_TURNS = 2
 
 # Runs the model on a batch (inline or in the batcher's thread).
 Infer = Callable[[np.ndarray], Prediction]
@@ -232,6 +235,7 @@ class AdaptiveBatcher(Generic[Result]):
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                await self._gather()
                 running = self._dispatch()
                 if running is None:
                     continue
@@ -254,6 +258,20 @@ class AdaptiveBatcher(Generic[Result]):
             if running is None and self._queue:
                 # Let the responses just delivered go out before the next inline batch.
                 await asyncio.sleep(0)
+
+    async def _gather(self) -> None:
+        """Let requests the event loop has already received join a batch that is not full.
+
+        Not a timer: two turns of the loop, microseconds. A request read from its socket in
+        the loop's latest poll reaches the queue one turn later (its task is scheduled behind
+        this one); without the turns the batch would leave it for the next one. Measured on
+        the digits model with 16 clients: twice the instances per batch, a fifth more
+        requests/s, and no change in latency for a single client.
+        """
+        for _ in range(GATHER_TURNS):
+            if self._queued_instances >= self.policy.max_batch_size:
+                return
+            await asyncio.sleep(0)
 
     def _next_requests(self) -> list[_Queued[Result]]:
         shapes = [(len(r.batch), r.batch.shape[1:]) for r in self._queue]

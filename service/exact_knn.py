@@ -78,15 +78,12 @@ class ExactKthDistance:
         approximate = queries @ self._transposed
         approximate *= -2.0
         approximate += self._squared_norms
-        if k == 1:
-            kth_approximate = approximate.min(axis=1)
-        else:
-            kth_approximate = np.partition(approximate, k - 1, axis=1)[:, k - 1]
+        bound = _kth_smallest_bound(approximate, k)
         # One bound for the block, from its largest query: a wider bound only adds candidates,
         # which cannot change the result.
         largest_norm = float(np.einsum("ij,ij->i", queries, queries).max())
         tolerance = self._tolerance_per_query_norm * max(largest_norm, 1.0)
-        candidates = approximate <= (kth_approximate + tolerance)[:, None]
+        candidates = approximate <= (bound + tolerance)[:, None]
         if k == 1 and np.count_nonzero(candidates) == len(queries):
             # The common case: one candidate per query, the approximate nearest.
             differences = self._reference[approximate.argmin(axis=1)] - queries
@@ -105,3 +102,27 @@ class ExactKthDistance:
             kth_squared = squared[order][starts + k - 1]
         result: FloatArray = np.sqrt(kth_squared)
         return result
+
+
+def _kth_smallest_bound(values: FloatArray, k: int) -> FloatArray:
+    """Per row, a value at least the k-th smallest and usually equal to it.
+
+    np.partition costs about 6 ns per element; the minima of 8k contiguous chunks (and of the
+    remainder) take one vectorised pass, and the k-th smallest of those minima is at least the
+    row's k-th smallest (they are k distinct elements). Candidates up to that bound are then a
+    few more than k.
+    """
+    if k == 1:
+        minima: FloatArray = values.min(axis=1)
+        return minima
+    n, size = values.shape
+    chunks = 8 * k
+    if size < 4 * chunks:
+        partitioned: FloatArray = np.partition(values, k - 1, axis=1)[:, k - 1]
+        return partitioned
+    length = size // chunks
+    chunk_minima = values[:, : chunks * length].reshape(n, chunks, length).min(axis=2)
+    if size % chunks:
+        chunk_minima = np.hstack([chunk_minima, values[:, chunks * length :].min(axis=1)[:, None]])
+    bound: FloatArray = np.partition(chunk_minima, k - 1, axis=1)[:, k - 1]
+    return bound

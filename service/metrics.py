@@ -165,6 +165,7 @@ class ServiceMetrics:
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
         self._bound: dict[tuple[str, str], ModelMetrics] = {}
+        self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
 
     def register_model(
         self,
@@ -182,8 +183,17 @@ class ServiceMetrics:
     def record_request(
         self, model: str, version: str, endpoint: str, status: int, seconds: float
     ) -> None:
-        self.requests.labels(model, version, endpoint, str(status)).inc()
-        self.request_duration.labels(model, version, endpoint).observe(seconds)
+        key = (model, version, endpoint, status)
+        series = self._request_series.get(key)
+        if series is None:
+            # Bound once per label set: `labels()` costs a few us per call. The label values
+            # are bounded (see the module docstring), so this cache is too.
+            series = self._request_series[key] = (
+                self.requests.labels(model, version, endpoint, str(status)),
+                self.request_duration.labels(model, version, endpoint),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
         """The series of one model version, bound once: `labels()` costs a few us per call."""

@@ -8,7 +8,7 @@ that score, measured on held-out reference data, so thresholds mean the same for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,16 +97,75 @@ class FlagThresholds:
                 raise ValueError(f"{name} must be within [0, 100], got {value}")
 
 
-@dataclass
 class ScoredBatch:
-    """Scores, their reference percentiles and the flags of one batch, one row per instance."""
+    """Scores, their reference percentiles and the flags of one batch, one row per instance.
 
-    predicted: np.ndarray  # int64 class index
-    scores: dict[str, np.ndarray]
-    percentiles: dict[str, np.ndarray]
-    low_confidence: np.ndarray  # bool
-    novel: np.ndarray  # bool
-    _rows: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
+    `slice` gives one request's rows of a gathered batch as a view that slices the arrays only
+    when they are read: a /v1 response reads just the rows, already built for the events.
+    """
+
+    __slots__ = ("_low", "_novel", "_parent", "_percentiles", "_predicted", "_rows", "_scores")
+
+    def __init__(
+        self,
+        predicted: np.ndarray,
+        scores: dict[str, np.ndarray],
+        percentiles: dict[str, np.ndarray],
+        low_confidence: np.ndarray,
+        novel: np.ndarray,
+    ) -> None:
+        self._predicted: np.ndarray | None = predicted  # int64 class index
+        self._scores: dict[str, np.ndarray] | None = scores
+        self._percentiles: dict[str, np.ndarray] | None = percentiles
+        self._low: np.ndarray | None = low_confidence  # bool
+        self._novel: np.ndarray | None = novel  # bool
+        self._parent: tuple[ScoredBatch, int, int] | None = None
+        self._rows: list[dict[str, Any]] | None = None
+
+    def _part(self) -> tuple[ScoredBatch, slice]:
+        assert self._parent is not None
+        parent, start, stop = self._parent
+        return parent, slice(start, stop)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        if self._predicted is None:
+            parent, rows = self._part()
+            self._predicted = parent.predicted[rows]
+        return self._predicted
+
+    @property
+    def scores(self) -> dict[str, np.ndarray]:
+        if self._scores is None:
+            parent, rows = self._part()
+            self._scores = {k: v[rows] for k, v in parent.scores.items()}
+        return self._scores
+
+    @property
+    def percentiles(self) -> dict[str, np.ndarray]:
+        if self._percentiles is None:
+            parent, rows = self._part()
+            self._percentiles = {k: v[rows] for k, v in parent.percentiles.items()}
+        return self._percentiles
+
+    @property
+    def low_confidence(self) -> np.ndarray:
+        if self._low is None:
+            parent, rows = self._part()
+            self._low = parent.low_confidence[rows]
+        return self._low
+
+    @property
+    def novel(self) -> np.ndarray:
+        if self._novel is None:
+            parent, rows = self._part()
+            self._novel = parent.novel[rows]
+        return self._novel
+
+    def __len__(self) -> int:
+        if self._parent is not None:
+            return self._parent[2] - self._parent[1]
+        return len(self.predicted)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Scores, percentiles and flags as tensors named like `score_output_names` says."""
@@ -124,6 +183,10 @@ class ScoredBatch:
         element, and the result is cached: the response and the events share it.
         """
         if self._rows is not None:
+            return self._rows
+        if self._parent is not None:
+            parent, rows_slice = self._part()
+            self._rows = parent.rows()[rows_slice]
             return self._rows
         scores = {k: v.tolist() for k, v in self.scores.items()}
         percentiles = {k: v.tolist() for k, v in self.percentiles.items()}
@@ -145,16 +208,11 @@ class ScoredBatch:
         return self.rows()[i]
 
     def slice(self, start: int, stop: int) -> ScoredBatch:
-        """Instances [start, stop) (views, not copies), sharing rows already built."""
-        part = ScoredBatch(
-            self.predicted[start:stop],
-            {k: v[start:stop] for k, v in self.scores.items()},
-            {k: v[start:stop] for k, v in self.percentiles.items()},
-            self.low_confidence[start:stop],
-            self.novel[start:stop],
-        )
-        if self._rows is not None:
-            part._rows = self._rows[start:stop]
+        """Instances [start, stop), as a view sliced lazily."""
+        part = ScoredBatch.__new__(ScoredBatch)
+        part._predicted = part._scores = part._percentiles = part._low = part._novel = None
+        part._parent = (self, start, stop)
+        part._rows = None
         return part
 
 

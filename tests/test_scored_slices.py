@@ -1,0 +1,45 @@
+"""One request's share of a gathered batch's scores: the same values as slicing eagerly, and
+the rows the whole batch already built, shared rather than rebuilt."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.scores import ScoredBatch
+
+
+def gathered() -> ScoredBatch:
+    return ScoredBatch(
+        predicted=np.array([0, 1, 2, 1, 0]),
+        scores={
+            "max_probability": np.array([0.9, 0.5, 0.7, 0.6, 0.99], dtype=np.float32),
+            "novelty": np.array([0.1, 0.2, 0.3, 0.4, 0.5], dtype=np.float32),
+        },
+        percentiles={"max_probability": np.array([50, 2, 20, 10, 90], dtype=np.float32)},
+        low_confidence=np.array([False, True, False, False, False]),
+        novel=np.array([False, False, True, False, False]),
+    )
+
+
+def test_a_slice_holds_exactly_its_rows() -> None:
+    whole = gathered()
+    part = whole.slice(1, 4)
+    assert len(part) == 3
+    np.testing.assert_array_equal(part.predicted, [1, 2, 1])
+    np.testing.assert_array_equal(part.scores["novelty"], np.float32([0.2, 0.3, 0.4]))
+    np.testing.assert_array_equal(part.percentiles["max_probability"], np.float32([2, 20, 10]))
+    np.testing.assert_array_equal(part.low_confidence, [True, False, False])
+    np.testing.assert_array_equal(part.novel, [False, True, False])
+    assert set(part.tensors()) == set(whole.tensors())
+    for name, tensor in part.tensors().items():
+        np.testing.assert_array_equal(tensor, whole.tensors()[name][1:4])
+    assert part.rows() == whole.rows()[1:4]
+    assert part.slice(1, 2).rows() == whole.rows()[2:3]
+
+
+def test_slices_share_the_rows_the_batch_built() -> None:
+    whole = gathered()
+    rows = whole.rows()
+    part = whole.slice(3, 5)
+    assert part.rows()[0] is rows[3]
+    assert part.row(1) is rows[4]
