@@ -24,6 +24,7 @@ FloatArray = npt.NDArray[np.float32]
 _EPS = float(np.finfo(np.float32).eps)
 # Bounds the [queries x references] block held at once (16 MiB), as the exact index does.
 _BLOCK_ELEMENTS = 1 << 22
+_PRODUCT_ROWS = 8
 
 
 class ExactKthDistance:
@@ -73,9 +74,21 @@ class ExactKthDistance:
             [self._kth(rows[start : start + step], k) for start in range(0, len(rows), step)]
         )
 
+    def _products(self, queries: FloatArray) -> FloatArray:
+        """queries @ reference.T, in blocks of 8 query rows: OpenBLAS takes a slower kernel
+        from about 12 rows (16 rows: 35 us in one product, 29 us in two, at 1,347 x 64)."""
+        if len(queries) <= _PRODUCT_ROWS:
+            products: FloatArray = queries @ self._transposed
+            return products
+        products = np.empty((len(queries), self.size), dtype=np.float32)
+        for start in range(0, len(queries), _PRODUCT_ROWS):
+            stop = start + _PRODUCT_ROWS
+            np.matmul(queries[start:stop], self._transposed, out=products[start:stop])
+        return products
+
     def _kth(self, queries: FloatArray, k: int) -> FloatArray:
         # |r|^2 - 2 q.r ranks references like the squared distance (|q|^2 is the same per row).
-        approximate = queries @ self._transposed
+        approximate = self._products(queries)
         approximate *= -2.0
         approximate += self._squared_norms
         bound = _kth_smallest_bound(approximate, k)
