@@ -124,6 +124,8 @@ def _by_stream(batch: list[_Packed]) -> dict[str, list[_Packed]]:
     return groups
 
 
+# Events packed between two yields to the event loop.
+_PACK_CHUNK = 50
 _u32 = struct.Struct("<I").pack
 _NAMES: dict[str, bytes] = {}
 
@@ -305,7 +307,7 @@ class EventLog:
 
     async def _write_batch(self) -> bool:
         """Write up to batch_size events; True if all were written."""
-        batch = self._take()
+        batch = await self._take()
         if not batch:
             return True
         trims = self._due_trims(batch)
@@ -344,16 +346,24 @@ class EventLog:
             self._failures = 0
         return True
 
-    def _take(self) -> list[_Packed]:
+    async def _take(self) -> list[_Packed]:
         batch: list[_Packed] = []
         invalid = 0
-        while self._buffer and len(batch) < self.batch_size:
-            stream_key, fields = self._buffer.popleft()
-            packed = pack_event(fields)
-            if packed is not None:
-                batch.append((stream_key, fields, packed))
-            else:
-                invalid += 1
+        try:
+            while self._buffer and len(batch) < self.batch_size:
+                stream_key, fields = self._buffer.popleft()
+                packed = pack_event(fields)
+                if packed is not None:
+                    batch.append((stream_key, fields, packed))
+                else:
+                    invalid += 1
+                if (len(batch) + invalid) % _PACK_CHUNK == 0:
+                    # Packing a full batch in one go held the event loop for about half a
+                    # millisecond, which showed in the request p99: let requests in between.
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._requeue(batch)
+            raise
         if invalid:
             logger.warning("dropping %d events with empty or unencodable fields", invalid)
             self._metrics.dropped(DROPPED_INVALID, invalid)
