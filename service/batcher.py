@@ -148,6 +148,8 @@ class AdaptiveBatcher(Generic[Result]):
         self._queued_instances = 0
         self._running = False
         self._stopping = False
+        # Dispatched and not yet answered: failed too if the batch task itself breaks.
+        self._in_flight: list[_Queued[Result]] = []
         # Requests per batch, a moving average: is there concurrency to gather?
         self._requests_per_batch = 1.0
         # Set by `submit` and `stop` to wake the batch task from an empty queue.
@@ -228,10 +230,10 @@ class AdaptiveBatcher(Generic[Result]):
             logger.exception("the batcher of model '%s' failed; refusing its requests", self.name)
             self._stopping = True
             error = QueueFull(f"model '{self.name}' cannot serve: its batcher failed", 1)
-            while self._queue:
-                request = self._queue.popleft()
+            for request in [*self._in_flight, *self._queue]:
                 if not request.future.done():
                     request.future.set_exception(error)
+            self._queue.clear()
             self._queued_instances = 0
 
     async def _run(self) -> None:
@@ -317,6 +319,7 @@ class AdaptiveBatcher(Generic[Result]):
         else:
             batch = np.concatenate([r.batch for r in requests], axis=0)
         self._running = True
+        self._in_flight.extend(requests)
         if offload is None:
             offload = self._offloads(requests)
         return _Running(requests, batch, self._start_job(batch, offload))
@@ -370,10 +373,17 @@ class AdaptiveBatcher(Generic[Result]):
             for request in requests:
                 if not request.future.done():
                     request.future.set_exception(exc)
+            self._forget(requests)
             return
         for request, result in zip(requests, results, strict=True):
             if not request.future.done():
                 request.future.set_result(result)
+        self._forget(requests)
+
+    def _forget(self, requests: Sequence[_Queued[Result]]) -> None:
+        """These requests are answered: no longer in flight."""
+        done = {id(r) for r in requests}
+        self._in_flight = [r for r in self._in_flight if id(r) not in done]
 
     async def _fail(self, running: _Running[Result], error: Exception) -> None:
         """A batch raised: run its requests one by one, so only the culprit gets an error."""
@@ -381,6 +391,7 @@ class AdaptiveBatcher(Generic[Result]):
             request = running.requests[0]
             if not request.future.done():
                 request.future.set_exception(error)
+            self._forget(running.requests)
             return
         logger.warning(
             "a batch of %d requests to model '%s' failed (%s); running them one by one",
@@ -396,6 +407,7 @@ class AdaptiveBatcher(Generic[Result]):
             except Exception as exc:
                 if not request.future.done():
                     request.future.set_exception(exc)
+                self._forget([request])
                 continue
             self._observe(alone, seconds)
             self._deliver(alone, prediction)

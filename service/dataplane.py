@@ -5,6 +5,7 @@ Routers take care of HTTP and delegate here, so the logic has one home.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -137,6 +138,12 @@ class DataPlane:
         for (name, version), batcher in self.batchers.items():
             model = self.repository.get(name, version)
             await batcher.start(warm_up=self._full_batch(model, batcher.policy))
+        # Everything loaded so far (libraries, models, routes: ~140k objects) lives as long as
+        # the process. Frozen, the garbage collector stops scanning it: a full collection had
+        # paused the event loop for ~90 ms under load (a p99 of 40 ms at 8 instances per
+        # request). Unfrozen at stop, so a process that builds many apps (tests) frees them.
+        gc.collect()
+        gc.freeze()
         self.mark_ready()
 
     async def swap_in(
@@ -205,6 +212,7 @@ class DataPlane:
             model.ready = False
         for batcher in self.batchers.values():
             await batcher.stop()
+        gc.unfreeze()
 
     def mark_ready(self) -> None:
         for model in self.repository:
