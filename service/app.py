@@ -95,6 +95,10 @@ def create_app(
             backoff_max=settings.event_backoff_max,
             metrics=metrics,
         )
+        # Read at scrape time: the writer's own updates stop while Redis is down, just when the
+        # buffer's depth matters.
+        buffered_events = event_log
+        metrics.event_buffer.set_function(lambda: buffered_events.buffered)
         monitor = PredictionMonitor(
             build_scorers(repository.references, settings),
             metrics,

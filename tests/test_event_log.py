@@ -330,3 +330,37 @@ async def test_rejected_commands_are_retried_alone(redis: AsyncRedis) -> None:
     assert await stream_ids(redis) == [f"e{i:06d}" for i in range(1, 20, 2)]
     assert await stream_ids(redis, blocked) == [f"e{i:06d}" for i in range(0, 20, 2)]
     assert metrics.dropped_by_reason == Counter()
+
+
+def test_buffer_gauge_is_read_at_scrape_time_even_while_redis_is_down() -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.support import MODELS_DIR, free_port
+
+    # Nothing listens there: every write fails and the events wait in the buffer.
+    settings = Settings(
+        model_dir=MODELS_DIR,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        event_backoff_min=30.0,
+        event_backoff_max=30.0,
+        event_shutdown_timeout=0.0,
+    )
+    app = create_app(settings, registry=CollectorRegistry())
+    with TestClient(app) as client:
+        for _ in range(3):
+            response = client.post(
+                "/v1/models/digits/predict", json={"instances": [[0.0] * 64] * 5}
+            )
+            assert response.status_code == 200
+        metrics = client.get("/metrics").text
+    depth = next(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "edgeharvest_event_buffer_events"
+    )
+    assert depth == 15
