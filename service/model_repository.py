@@ -41,6 +41,29 @@ def _manifest_paths(model_dir: Path) -> list[Path]:
     return manifests
 
 
+def _checked_reference(directory: Path, manifest: Manifest) -> ReferenceProfile | None:
+    """The reference profile beside a manifest, checked against its model; None if absent."""
+    path = directory / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    profile = ReferenceProfile.load(path)
+    profile.check_model(manifest.name, manifest.version, manifest.sha256)
+    return profile
+
+
+def _load_models(
+    found: list[tuple[Path, Manifest]], config: SessionConfig, *, load_references: bool = True
+) -> tuple[list[OnnxClassifier], dict[tuple[str, str], ReferenceProfile]]:
+    """Load and warm up each manifest's model, with its checked reference profile."""
+    models = [OnnxClassifier(manifest, path.parent, config) for path, manifest in found]
+    references = {}
+    for (path, manifest), model in zip(found, models, strict=True):
+        profile = _checked_reference(path.parent, manifest) if load_references else None
+        if profile is not None:
+            references[(model.name, model.version)] = profile
+    return models, references
+
+
 class ModelRepository:
     def __init__(
         self,
@@ -75,11 +98,7 @@ class ModelRepository:
         found = []
         for path in _manifest_paths(model_dir):
             manifest = Manifest.load(path)
-            profile = None
-            if (path.parent / REFERENCE_FILE).is_file():
-                profile = ReferenceProfile.load(path.parent / REFERENCE_FILE)
-                profile.check_model(manifest.name, manifest.version, manifest.sha256)
-            found.append((manifest, profile))
+            found.append((manifest, _checked_reference(path.parent, manifest)))
         return found
 
     @staticmethod
@@ -91,18 +110,11 @@ class ModelRepository:
         Raises ModelNotFound when no manifest names the model, ModelLoadError when one cannot be
         served; nothing already served is touched.
         """
-        paths = [p for p in _manifest_paths(model_dir) if Manifest.load(p).name == name]
-        if not paths:
+        found = [(p, Manifest.load(p)) for p in _manifest_paths(model_dir)]
+        found = [(p, m) for p, m in found if m.name == name]
+        if not found:
             raise ModelNotFound(f"no manifest under {model_dir} names a model '{name}'")
-        models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in paths]
-        references = {}
-        for model in models:
-            path = model.directory / REFERENCE_FILE
-            if path.is_file():
-                profile = ReferenceProfile.load(path)
-                profile.check_model(model.name, model.version, model.manifest.sha256)
-                references[(model.name, model.version)] = profile
-        return models, references
+        return _load_models(found, config)
 
     def replace(
         self,
@@ -128,15 +140,8 @@ class ModelRepository:
     def from_directory(
         cls, model_dir: Path, config: SessionConfig, *, load_references: bool = True
     ) -> ModelRepository:
-        manifests = _manifest_paths(model_dir)
-        models = [OnnxClassifier(Manifest.load(p), p.parent, config) for p in manifests]
-        references = {}
-        for model in models if load_references else []:
-            path = model.directory / REFERENCE_FILE
-            if path.is_file():
-                profile = ReferenceProfile.load(path)
-                profile.check_model(model.name, model.version, model.manifest.sha256)
-                references[(model.name, model.version)] = profile
+        found = [(p, Manifest.load(p)) for p in _manifest_paths(model_dir)]
+        models, references = _load_models(found, config, load_references=load_references)
         return cls(models, references)
 
     def __iter__(self) -> Iterator[OnnxClassifier]:
