@@ -95,10 +95,8 @@ def create_app(
             backoff_max=settings.event_backoff_max,
             metrics=metrics,
         )
-        # Read at scrape time: the writer's own updates stop while Redis is down, just when the
-        # buffer's depth matters.
-        buffered_events = event_log
-        metrics.event_buffer.set_function(lambda: buffered_events.buffered)
+        writer = event_log  # not Optional inside the closure
+        metrics.watch_event_buffer(lambda: writer.buffered)
         monitor = PredictionMonitor(
             build_scorers(repository.references, settings),
             metrics,

@@ -7,6 +7,8 @@ from route templates, classes from manifests (capped), reasons and statuses from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -198,6 +200,12 @@ class ServiceMetrics:
     def for_model(self, name: str, version: str) -> ModelMetrics:
         """The series of one model version, bound once: `labels()` costs a few us per call."""
         return self._bound[(name, version)]
+
+    def watch_event_buffer(self, depth: Callable[[], int]) -> None:
+        """Read the event buffer's depth at scrape time. The writer's own reports
+        (`buffer_depth`) stop while it backs off from a dead Redis, just when the depth matters;
+        once watched, they are ignored."""
+        self.event_buffer.set_function(depth)
 
     # EventLogMetrics protocol of the event writer.
     def buffer_depth(self, depth: int) -> None:
