@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from service.drift_detectors import DriftConfig, ReferenceSample, WindowEvaluator
@@ -35,8 +36,9 @@ from service.drift_windows import (
     score_histograms,
     window_data,
 )
-from service.events import Event, decode_event
+from service.events import decode_event
 from service.redis_connection import SyncRedis
+from service.settings import check_override_keys
 from service.stream_group import GroupReader, run_rounds
 
 logger = logging.getLogger("edgeharvest.drift")
@@ -269,7 +271,6 @@ class DriftWorker:
             "windows_evaluated": int(previous.get("windows_evaluated", 0)),
             "events_evaluated": int(previous.get("events_evaluated", 0)),
             "late_events": int(previous.get("late_events", 0)) + len(plan.late_ids),
-            "last_window_end": previous.get("last_window_end"),
         }
         if not plan.event_ids:
             return state, None
@@ -288,7 +289,6 @@ class DriftWorker:
             streaks=evaluator.state()["streaks"],
             windows_evaluated=state["windows_evaluated"] + 1,
             events_evaluated=state["events_evaluated"] + len(events),
-            last_window_end=plan.end_time,
         )
         summary = {
             **report.as_dict(),
@@ -297,29 +297,21 @@ class DriftWorker:
             "evaluated_at": self.clock(),
             "duration_seconds": duration,
             "histograms": score_histograms(reference.score_distributions, data.scores),
-            "class_counts": _class_counts(events, len(reference.class_counts)),
+            "class_counts": _class_counts(data.predicted, len(reference.class_counts)),
         }
         return state, finite_json(summary)
 
 
-def _class_counts(events: list[Event], n_classes: int) -> list[int]:
-    counts = [0] * n_classes
-    for event in events:
-        if 0 <= event.predicted < n_classes:
-            counts[event.predicted] += 1
-    return counts
+def _class_counts(predicted: np.ndarray, n_classes: int) -> list[int]:
+    known = predicted[(predicted >= 0) & (predicted < n_classes)]
+    return [int(c) for c in np.bincount(known, minlength=n_classes)]
 
 
 def drift_config(
     settings_window_size: int, window_seconds: float | None, overrides: dict[str, Any]
 ) -> DriftConfig:
     """The evaluator's config from settings and EDGEHARVEST_DRIFT overrides; names a bad key."""
-    known = set(DriftConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"EDGEHARVEST_DRIFT has unknown keys {unknown}; expected some of {sorted(known)}"
-        )
+    check_override_keys(overrides, DriftConfig, "EDGEHARVEST_DRIFT")
     values: dict[str, Any] = {
         "window_size": None if window_seconds is not None else settings_window_size,
         "window_seconds": window_seconds,

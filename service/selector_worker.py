@@ -35,6 +35,7 @@ from service.selection_policy import (
     content_hash,
     select_round,
 )
+from service.settings import check_override_keys
 from service.stream_group import GroupReader, run_rounds
 from service.worker_metrics import WorkerMetrics
 
@@ -280,12 +281,7 @@ class SelectorWorker:
 
 def selection_config(overrides: dict[str, float]) -> SelectionConfig:
     """The policy's defaults with the settings' overrides; names a bad key or value."""
-    known = set(SelectionConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"EDGEHARVEST_SELECTION has unknown keys {unknown}; expected some of {sorted(known)}"
-        )
+    check_override_keys(overrides, SelectionConfig, "EDGEHARVEST_SELECTION")
     values: dict[str, Any] = dict(overrides)
     if "shortlist_factor" in values:
         values["shortlist_factor"] = int(values["shortlist_factor"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,3 +125,12 @@ class Settings(BaseSettings):
     # before it is refused with 503 and Retry-After. A manifest's "batching" block overrides both.
     batching_max_batch_size: int = Field(default=32, ge=1)
     batching_max_queue_delay_seconds: float = Field(default=0.5, ge=0)
+
+
+def check_override_keys(overrides: Mapping[str, Any], config: type, variable: str) -> None:
+    """Refuse JSON overrides (EDGEHARVEST_SELECTION, EDGEHARVEST_DRIFT) naming no field of the
+    dataclass they override, naming the bad keys and the good ones."""
+    known = set(config.__dataclass_fields__)  # type: ignore[attr-defined]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{variable} has unknown keys {unknown}; expected some of {sorted(known)}")
