@@ -20,6 +20,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import OPEN, KeyRing, presented_key, required
+from service.http_body import send_body
 
 logger = logging.getLogger("edgeharvest")
 
@@ -28,18 +29,7 @@ async def send_error(
     send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     body = orjson.dumps({"error": message})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_body(send, status, body, [(b"content-type", b"application/json"), *(headers or [])])
 
 
 # Paths repeat (the same models, the same endpoints); item ids make the set open, so bounded.

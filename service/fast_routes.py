@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.dataplane import DataPlane
 from service.errors import EdgeharvestError
-from service.http_body import read_limited_body
+from service.http_body import read_limited_body, send_body
 from service.prediction_handlers import handle_infer, handle_predict
 from service.request_metrics import model_labels
 
@@ -85,9 +85,7 @@ class FastPredictionRoutes:
             )
             response_headers = {"content-type": "application/json"}
         raw_headers = [(k.encode(), v.encode()) for k, v in response_headers.items()]
-        raw_headers.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        await send_body(send, status, content, raw_headers)
         self._record(name, version, _ENDPOINTS[(oip, version is not None)], status, start)
 
     def _record(

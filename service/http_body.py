@@ -1,8 +1,11 @@
-"""Read a request body without ever holding more than the configured limit."""
+"""Bodies at the ASGI level: read a request body without ever holding more than the configured
+limit, and send a whole response."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+
+from starlette.types import Send
 
 from service.errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -37,3 +40,12 @@ async def read_limited_body(
             raise _too_large(f"more than {limit}", limit)
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def send_body(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """One whole response: the status, `headers` plus content-length, then the body."""
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
