@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -60,3 +62,26 @@ def start_server(
         _, err = process.communicate()
         raise RuntimeError(err.decode(errors="replace")) from None
     return process, base_url
+
+
+def kill_repeatedly(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    cycles: int,
+    rng: random.Random,
+    after: tuple[float, float],
+) -> int:
+    """Start `command` `cycles` times and SIGKILL it after a random delay within `after`
+    seconds (if it is still running); returns how many times it was killed."""
+    kills = 0
+    for _ in range(cycles):
+        process = subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(*after))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=30)
+    return kills

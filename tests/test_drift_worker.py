@@ -30,7 +30,7 @@ from service.drift_worker import GROUP, DriftStream, DriftWorker, DriftWorkerMet
 from service.model_repository import ModelRepository
 from service.redis_keys import event_stream
 from service.settings import Settings
-from tests.support import MODELS_DIR, REPO_ROOT
+from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly
 
 STREAM = event_stream("digits", "1")
 X, Y = load_digits(return_X_y=True)
@@ -180,17 +180,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_no_window(
         "EDGEHARVEST_DRIFT_BLOCK_MS": "50",
     }
     command = [sys.executable, "-m", "service.cli", "drift"]
-    rng = random.Random(11)
-    kills = 0
-    for _ in range(6):
-        process = subprocess.Popen(
-            command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        time.sleep(rng.uniform(1.0, 2.0))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait(timeout=30)
+    kills = kill_repeatedly(command, env, cycles=6, rng=random.Random(11), after=(1.0, 2.0))
     assert kills >= 3
     finish = subprocess.run(
         [*command, "--burst"], env=env, cwd=REPO_ROOT, timeout=180, capture_output=True, text=True

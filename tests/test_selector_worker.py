@@ -24,7 +24,7 @@ from service.selection_policy import SelectionConfig, WindowBudget
 from service.selector_worker import GROUP, ModelStream, SelectorWorker, selection_config
 from service.settings import Settings
 from service.worker_metrics import WorkerMetrics
-from tests.support import MODELS_DIR, REPO_ROOT
+from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly
 
 DIGITS = load_digits()
 STREAM = event_stream("digits", "1")
@@ -139,18 +139,8 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         "EDGEHARVEST_SELECTOR_BLOCK_MS": "50",
     }
     command = [sys.executable, "-m", "service.cli", "select"]
-    rng = random.Random(7)
-    kills = 0
-    for _ in range(8):
-        process = subprocess.Popen(
-            command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        # Start-up takes a moment; kill somewhere within the first rounds.
-        time.sleep(rng.uniform(0.8, 2.0))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait(timeout=30)
+    # Start-up takes a moment; kill somewhere within the first rounds.
+    kills = kill_repeatedly(command, env, cycles=8, rng=random.Random(7), after=(0.8, 2.0))
     assert kills >= 4
     finish = subprocess.run(
         [*command, "--burst"], env=env, cwd=REPO_ROOT, timeout=120, capture_output=True, text=True
