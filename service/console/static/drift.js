@@ -4,6 +4,7 @@
 import { getJson, modelPath } from "./api.js";
 import { dateTime, el, number, scoreName, table } from "./format.js";
 import { histogramFigure } from "./histogram.js";
+import { RefreshingView } from "./view.js";
 
 const REFRESH_MS = 15_000;
 const WINDOWS_SHOWN = 10;
@@ -38,31 +39,15 @@ function stateSentence(summary) {
   return [kind, `${text}: ${window} matches the reference.`];
 }
 
-export class DriftView {
+export class DriftView extends RefreshingView {
   constructor(picker, notice) {
-    this.picker = picker;
-    this.notice = notice;
-    this.timer = null;
+    super(picker, notice, "drift-refresh", REFRESH_MS);
     this.selectedIndex = null;
-    this.generation = 0;
-    document.getElementById("drift-refresh").addEventListener("click", () => this.refresh());
-  }
-
-  activate() {
-    this.refresh();
-    this.timer = setInterval(() => {
-      if (!document.hidden) this.refresh();
-    }, REFRESH_MS);
-  }
-
-  deactivate() {
-    clearInterval(this.timer);
-    this.timer = null;
   }
 
   selectionChanged() {
     this.selectedIndex = null;
-    this.refresh();
+    super.selectionChanged();
   }
 
   async refresh() {

@@ -3,6 +3,7 @@
 
 import { getJson, modelPath } from "./api.js";
 import { clockTime, duration, el, table } from "./format.js";
+import { RefreshingView } from "./view.js";
 
 const REFRESH_MS = 10_000;
 const LANES = {
@@ -39,29 +40,9 @@ function countsTable(caption, label, counts, order, describe = () => undefined) 
   return table(caption, headers, rows, { captionHidden: true });
 }
 
-export class QueueView {
+export class QueueView extends RefreshingView {
   constructor(picker, notice) {
-    this.picker = picker;
-    this.notice = notice;
-    this.timer = null;
-    this.generation = 0;
-    document.getElementById("queue-refresh").addEventListener("click", () => this.refresh());
-  }
-
-  activate() {
-    this.refresh();
-    this.timer = setInterval(() => {
-      if (!document.hidden) this.refresh();
-    }, REFRESH_MS);
-  }
-
-  deactivate() {
-    clearInterval(this.timer);
-    this.timer = null;
-  }
-
-  selectionChanged() {
-    this.refresh();
+    super(picker, notice, "queue-refresh", REFRESH_MS);
   }
 
   async refresh() {
