@@ -350,17 +350,26 @@ def test_buffer_gauge_is_read_at_scrape_time_even_while_redis_is_down() -> None:
         event_shutdown_timeout=0.0,
     )
     app = create_app(settings, registry=CollectorRegistry())
+    one = {"instances": [[0.0] * 64] * 5}
+
+    def sample(client: TestClient, name: str) -> float:
+        text = client.get("/metrics").text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        )
+
     with TestClient(app) as client:
-        for _ in range(3):
-            response = client.post(
-                "/v1/models/digits/predict", json={"instances": [[0.0] * 64] * 5}
-            )
-            assert response.status_code == 200
-        metrics = client.get("/metrics").text
-    depth = next(
-        sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-        if sample.name == "edgeharvest_event_buffer_events"
-    )
+        assert client.post("/v1/models/digits/predict", json=one).status_code == 200
+        # Wait for the first failed write: the writer then backs off for 30 s, with no write
+        # in flight, and stops reporting the depth itself.
+        deadline = time.monotonic() + 30  # only bounds a broken run
+        while sample(client, "edgeharvest_redis_write_errors_total") < 1:
+            assert time.monotonic() < deadline, "the event writer never tried to write"
+            time.sleep(0.02)
+        for _ in range(2):
+            assert client.post("/v1/models/digits/predict", json=one).status_code == 200
+        depth = sample(client, "edgeharvest_event_buffer_events")
     assert depth == 15
