@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from service.routers import console, drift, inference_protocol, labeling, observ
 from service.routers import repository as repository_router
 from service.scores import FlagThresholds
 from service.settings import Settings
+from service.shared_metrics import forget_dead_processes, process_stopping
 
 logger = logging.getLogger("edgeharvest")
 
@@ -133,19 +135,22 @@ def create_app(
                 DriftCollector(lambda: drift_desk.stores),
             ]
             for collector in collectors:
-                registry.register(collector)
+                metrics.scrape_registry.register(collector)
             if event_log is not None:
                 redis = create_async_redis(url, **connection)  # type: ignore[arg-type]
                 await event_log.start(redis)
         # Starts the adaptive batchers (warmed up), then marks the models ready.
         await dataplane.start()
+        publisher = _start_shared_gauges(metrics)
         try:
             yield
         finally:
             # Batches already queued or running finish (and log their events) first.
             await dataplane.stop()
+            if publisher is not None:
+                publisher.cancel()
             for collector in collectors:
-                registry.unregister(collector)
+                metrics.scrape_registry.unregister(collector)
             app.state.label_desk = None
             app.state.drift_desk = None
             if event_log is not None:
@@ -156,6 +161,8 @@ def create_app(
                 sync_redis.close()
             if embedded is not None:
                 embedded.stop()
+            if metrics.shared_directory is not None:
+                process_stopping(metrics.shared_directory)
 
     app = EdgeharvestApp(
         title="edgeharvest",
@@ -181,6 +188,28 @@ def create_app(
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, repository=repository)
     install_error_handlers(app)
     return app
+
+
+# How often each worker process publishes its gauges in multiprocess mode.
+SHARED_GAUGE_INTERVAL_SECONDS = 1.0
+
+
+def _start_shared_gauges(metrics: ServiceMetrics) -> asyncio.Task[None] | None:
+    """In multiprocess mode (several worker processes, see shared_metrics.py): forget the live
+    gauges of workers that died, then publish this process's buffer depth every second, since a
+    scrape answered by another process cannot read it."""
+    directory = metrics.shared_directory
+    if directory is None:
+        return None
+    for pid in forget_dead_processes(directory):
+        logger.info("worker process %d is gone: its gauges no longer count", pid)
+
+    async def publish() -> None:
+        while True:
+            metrics.publish_event_buffer()
+            await asyncio.sleep(SHARED_GAUGE_INTERVAL_SECONDS)
+
+    return asyncio.create_task(publish(), name="edgeharvest-shared-gauges")
 
 
 class EdgeharvestApp(FastAPI):

@@ -4,6 +4,10 @@ prometheus_client's Histogram takes one value per call, a few microseconds each;
 in batches, so per-instance histograms would cost more than the scoring. This collector keeps
 bucket counts per label set in numpy arrays and adds a batch with one `searchsorted` and one
 `bincount`. It exposes the standard histogram series (`_bucket{le}`, `_sum`, `_count`).
+
+In prometheus_client's multiprocess mode (several API worker processes, see shared_metrics.py)
+each child also adds its counts to the library's per-process files, under the same names a
+Histogram uses, so the merged scrape shows them as one histogram.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from prometheus_client import values as metric_values
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+from service.shared_metrics import multiprocess_mode
 
 
 class HistogramChild:
@@ -49,6 +56,52 @@ class HistogramChild:
             self.total += float(finite.sum())
 
 
+class SharedHistogramChild(HistogramChild):
+    """A child that also writes to the multiprocess files: one value per bucket, not
+    cumulative (the merge accumulates them), and the sum."""
+
+    def __init__(
+        self,
+        bounds: np.ndarray,
+        lock: threading.Lock,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        labelvalues: Sequence[str],
+    ) -> None:
+        super().__init__(bounds, lock)
+        edges = [*(floatToGoString(b) for b in self._bound_list), "+Inf"]  # type: ignore[no-untyped-call]
+        value = metric_values.ValueClass
+        self._shared_buckets = [
+            value(
+                "histogram",
+                name,
+                f"{name}_bucket",
+                (*labelnames, "le"),
+                (*labelvalues, e),
+                documentation,
+            )
+            for e in edges
+        ]
+        self._shared_sum = value(
+            "histogram", name, f"{name}_sum", tuple(labelnames), tuple(labelvalues), documentation
+        )
+
+    def observe_many(self, values: np.ndarray) -> None:
+        finite = values[np.isfinite(values)]
+        if not len(finite):
+            return
+        slots = np.searchsorted(self._bounds, finite, side="left")
+        counts = np.bincount(slots, minlength=len(self.counts))
+        total = float(finite.sum())
+        with self._lock:
+            self.counts += counts
+            self.total += total
+            for index in np.flatnonzero(counts).tolist():
+                self._shared_buckets[index].inc(int(counts[index]))
+            self._shared_sum.inc(total)
+
+
 class BatchHistogram(Collector):
     def __init__(
         self,
@@ -75,7 +128,18 @@ class BatchHistogram(Collector):
         with self._lock:
             child = self._children.get(values)
             if child is None:
-                child = self._children[values] = HistogramChild(self._bounds, self._lock)
+                child = self._children[values] = (
+                    SharedHistogramChild(
+                        self._bounds,
+                        self._lock,
+                        self.name,
+                        self.documentation,
+                        self.labelnames,
+                        values,
+                    )
+                    if multiprocess_mode()
+                    else HistogramChild(self._bounds, self._lock)
+                )
             return child
 
     def collect(self) -> Iterator[HistogramMetricFamily]:

@@ -70,11 +70,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+HostOption = Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")]
+PortOption = Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="API worker processes sharing the port [EDGEHARVEST_WORKERS]"),
+]
+# uvicorn's options for every way the API is served. Access logs per request cost more than the
+# tiny models take to run.
+UVICORN_OPTIONS = {"loop": "uvloop", "http": "httptools", "access_log": False}
+
+
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     model_dir: ModelDirOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Start the HTTP service (Open Inference Protocol on /v2, simple JSON on /v1)."""
     import uvicorn
@@ -84,10 +96,13 @@ def serve(
 
     overrides = {
         k: v
-        for k, v in {"host": host, "port": port, "model_dir": model_dir}.items()
+        for k, v in {"host": host, "port": port, "model_dir": model_dir, "workers": workers}.items()
         if v is not None
     }
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    if settings.workers > 1:
+        _serve_processes(settings)
+        return
     try:
         application = create_app(settings)
     except ModelLoadError as exc:
@@ -97,11 +112,57 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        loop="uvloop",
-        http="httptools",
-        # Access logs per request cost more than the tiny models take to run.
-        access_log=False,
+        **UVICORN_OPTIONS,  # type: ignore[arg-type]
     )
+
+
+def _serve_processes(settings: Settings) -> None:
+    """`settings.workers` uvicorn worker processes on one socket, each building the app from
+    the environment, with one Redis and one directory for their merged metrics."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from service.app import session_config
+    from service.embedded_redis import redis_url_or_embedded
+    from service.model_repository import ModelRepository
+    from service.shared_metrics import DIRECTORY_VARIABLE
+
+    # Load the repository once here, so a bad one stops with its message, not a traceback
+    # from every worker; the workers load their own copies.
+    try:
+        ModelRepository.from_directory(settings.model_dir, session_config(settings))
+    except ModelLoadError as exc:
+        _fail(exc.message)
+    embedded = None
+    if settings.monitoring_enabled or settings.redis_url is not None:
+        url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
+        os.environ["EDGEHARVEST_REDIS_URL"] = url
+    os.environ["EDGEHARVEST_HOST"] = settings.host
+    os.environ["EDGEHARVEST_PORT"] = str(settings.port)
+    os.environ["EDGEHARVEST_MODEL_DIR"] = str(settings.model_dir.resolve())
+    # A fresh directory per start: the library needs it empty, and a directory set by the
+    # operator (e.g. a volume) is only ever used as the parent of ours.
+    metrics_dir = tempfile.mkdtemp(
+        prefix="edgeharvest-metrics-", dir=os.environ.get(DIRECTORY_VARIABLE)
+    )
+    os.environ[DIRECTORY_VARIABLE] = metrics_dir
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            **UVICORN_OPTIONS,  # type: ignore[arg-type]
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if embedded is not None:
+            embedded.stop()
 
 
 @app.command()
@@ -416,8 +477,9 @@ def drift_report(
 
 @app.command()
 def run(
-    host: Annotated[str | None, typer.Option(help="Bind address [EDGEHARVEST_HOST]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [EDGEHARVEST_PORT]")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Everything on one machine: the API plus a selector and a drift worker, sharing one Redis.
 
@@ -435,16 +497,16 @@ def run(
     # The API (this process) and the worker both use it.
     os.environ["EDGEHARVEST_REDIS_URL"] = url
     env = dict(os.environ)
-    workers = [
+    background = [
         subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env)
         for command in ("select", "drift")
     ]
     try:
-        serve(host=host, port=port, model_dir=None)
+        serve(host=host, port=port, model_dir=None, workers=workers)
     finally:
-        for worker in workers:
+        for worker in background:
             worker.terminate()
-        for worker in workers:
+        for worker in background:
             try:
                 worker.wait(timeout=15)
             except subprocess.TimeoutExpired:

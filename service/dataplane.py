@@ -189,8 +189,9 @@ class DataPlane:
         loaded = {(m.name, m.version, m.manifest.sha256) for m in models}
         for model in replaced:
             if (model.name, model.version, model.manifest.sha256) not in loaded:
-                info = (model.name, model.version, model.manifest.sha256, model.manifest.platform)
-                self.metrics.model_info.remove(*info)
+                self.metrics.unregister_model(
+                    model.name, model.version, model.manifest.sha256, model.manifest.platform
+                )
         if self.monitor is not None:
             for model in replaced:
                 self.monitor.scorers.pop((model.name, model.version), None)

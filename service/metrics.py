@@ -3,6 +3,10 @@
 Names follow Prometheus conventions: base units, `_total` for counters, histograms rather than
 summaries. Label values are bounded: models and versions come from the repository, endpoints
 from route templates, classes from manifests (capped), reasons and statuses from small sets.
+
+With several API worker processes the values go to prometheus_client's multiprocess files
+(shared_metrics.py); every gauge here therefore says how it merges over processes, and model
+info is a gauge with the value 1 (the library's Info type has no multiprocess mode).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.batch_histogram import BatchHistogram
 from service.scores import ScoredBatch
+from service.shared_metrics import scrape_registry, shared_directory
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -41,6 +46,10 @@ MAX_CLASS_LABELS = 100
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # What /metrics exposes, and where scrape-time collectors go: `registry` itself, or in
+        # multiprocess mode a registry that merges every worker process's files.
+        self.scrape_registry = scrape_registry(registry)
+        self.shared_directory = shared_directory()
         model = ["model", "version"]
         self.requests = Counter(
             "edgeharvest_requests_total",
@@ -123,23 +132,26 @@ class ServiceMetrics:
             model,
             registry=registry,
         )
-        self.model_info = Info(
-            "edgeharvest_model",
-            "Served model versions.",
+        self.model_info = Gauge(
+            "edgeharvest_model_info",
+            "Served model versions (always 1).",
             [*model, "sha256", "platform"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.reference_loaded = Gauge(
             "edgeharvest_reference_profile_loaded",
             "1 when the model version has a reference profile (scores carry percentiles).",
             model,
             registry=registry,
+            multiprocess_mode="livemax",
         )
         # Event log.
         self.event_buffer = Gauge(
             "edgeharvest_event_buffer_events",
-            "Events waiting in this process's buffer.",
+            "Events waiting in the buffers of the API's worker processes.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.events_written = Counter(
             "edgeharvest_events_written_total",
@@ -168,6 +180,7 @@ class ServiceMetrics:
             self.events_dropped.labels(reason)
         self._bound: dict[tuple[str, str], ModelMetrics] = {}
         self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._event_buffer_depth: Callable[[], int] | None = None
 
     def register_model(
         self,
@@ -178,7 +191,7 @@ class ServiceMetrics:
         class_names: list[str],
         has_reference: bool,
     ) -> None:
-        self.model_info.labels(name, version, sha256, platform).info({})
+        self.model_info.labels(name, version, sha256, platform).set(1)
         self.reference_loaded.labels(name, version).set(1 if has_reference else 0)
         self._bound[(name, version)] = ModelMetrics(self, name, version, class_names)
 
@@ -197,6 +210,12 @@ class ServiceMetrics:
         series[0].inc()
         series[1].observe(seconds)
 
+    def unregister_model(self, name: str, version: str, sha256: str, platform: str) -> None:
+        """A replaced model version's info series goes away (in multiprocess mode it reads 0:
+        the files keep every series a process has written)."""
+        self.model_info.labels(name, version, sha256, platform).set(0)
+        self.model_info.remove(name, version, sha256, platform)
+
     def for_model(self, name: str, version: str) -> ModelMetrics:
         """The series of one model version, bound once: `labels()` costs a few us per call."""
         return self._bound[(name, version)]
@@ -204,8 +223,15 @@ class ServiceMetrics:
     def watch_event_buffer(self, depth: Callable[[], int]) -> None:
         """Read the event buffer's depth at scrape time. The writer's own reports
         (`buffer_depth`) stop while it backs off from a dead Redis, just when the depth matters;
-        once watched, they are ignored."""
-        self.event_buffer.set_function(depth)
+        once watched, they are ignored. In multiprocess mode a scrape cannot call into other
+        processes: each one publishes its depth with `publish_event_buffer` instead."""
+        self._event_buffer_depth = depth
+        if self.shared_directory is None:
+            self.event_buffer.set_function(depth)
+
+    def publish_event_buffer(self) -> None:
+        if self._event_buffer_depth is not None:
+            self.event_buffer.set(self._event_buffer_depth())
 
     # EventLogMetrics protocol of the event writer.
     def buffer_depth(self, depth: int) -> None:

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # API worker processes accepting on one port (`serve --workers`). Each has its own batchers
+    # and event writer; their metrics are merged (prometheus_client's multiprocess mode). One
+    # per core is the usual choice; in Kubernetes, scaling pods is the alternative.
+    workers: int = Field(default=1, ge=1)
 
     # onnxruntime. One intra-op thread per session by default: the service scales out by
     # processes and replicas, and small models lose more to thread hand-off than they gain.

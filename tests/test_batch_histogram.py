@@ -1,11 +1,19 @@
-"""The batch histogram exposes exactly what prometheus_client's Histogram would."""
+"""The batch histogram exposes exactly what prometheus_client's Histogram would, in one
+process and merged over processes (multiprocess mode)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.batch_histogram import BatchHistogram
+from tests.support import REPO_ROOT
 
 BUCKETS = (0.1, 0.5, 1.0)
 
@@ -33,3 +41,48 @@ def test_same_series_as_a_plain_histogram() -> None:
         assert got == expected, (suffix, labels)
     assert batch_registry.get_sample_value("h_bucket", {"model": "m", "le": "0.1"}) == 8
     assert b'h_bucket{le="+Inf",model="m"} 28.0' in generate_latest(batch_registry)
+
+
+# Run in a fresh interpreter: prometheus_client picks its multiprocess mode at import.
+OBSERVE_IN_PROCESS = """
+import sys
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram
+from service.batch_histogram import BatchHistogram
+values = np.array([float(v) for v in sys.argv[1:]])
+registry = CollectorRegistry()
+batch = BatchHistogram("batch", "doc", ["model"], (0.1, 0.5, 1.0), registry)
+batch.labels("m").observe_many(values)
+plain = Histogram("plain", "doc", ["model"], buckets=(0.1, 0.5, 1.0), registry=registry)
+for value in values[np.isfinite(values)]:
+    plain.labels("m").observe(float(value))
+"""
+
+
+def test_processes_merge_like_plain_histograms(tmp_path: Path) -> None:
+    """In multiprocess mode two processes' batch histograms merge into the same series as two
+    processes' plain histograms (the small-batch loop and the vectorised path, one each)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for values in (["0.05", "0.3", "nan"], ["0.1", "0.5", "0.7", "1.0", "2.0"] * 3):
+        subprocess.run(
+            [sys.executable, "-c", OBSERVE_IN_PROCESS, *values],
+            env=env,
+            cwd=REPO_ROOT,
+            check=True,
+            timeout=60,
+        )
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    for suffix, labels in [
+        ("_bucket", {"le": "0.1"}),
+        ("_bucket", {"le": "0.5"}),
+        ("_bucket", {"le": "1.0"}),
+        ("_bucket", {"le": "+Inf"}),
+        ("_count", {}),
+        ("_sum", {}),
+    ]:
+        expected = registry.get_sample_value(f"plain{suffix}", {"model": "m", **labels})
+        got = registry.get_sample_value(f"batch{suffix}", {"model": "m", **labels})
+        assert got == expected, (suffix, labels)
+    assert registry.get_sample_value("batch_count", {"model": "m"}) == 17
+    assert registry.get_sample_value("batch_bucket", {"model": "m", "le": "0.5"}) == 8

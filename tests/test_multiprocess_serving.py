@@ -1,0 +1,146 @@
+"""`edgeharvest serve --workers 2`: two real worker processes on one port, one real Redis.
+
+Prometheus scrapes one process at random, so the test that matters is that every scrape reports
+the whole service: requests sent to both workers add up in `/metrics`, whichever process answers,
+and still do after a worker is killed and replaced. Every worker's event writer delivers its
+events. Stopping the service leaves no metric files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+from sklearn.datasets import load_digits
+
+from tests.metric_samples import sample_sum
+from tests.service_process import ServiceProcess
+from tests.support import MODELS_DIR
+from tests.test_deploy_promql import promtool
+
+STREAM = "edgeharvest:{digits}:1:events"
+ENDPOINT = "/v1/models/{name}/predict"
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The uvicorn workers: children of the parent started by multiprocessing's spawn."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return sorted(
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+
+
+def wait_for_workers(parent: int, count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = [p for p in worker_pids(parent) if p not in exclude]
+        if len(pids) == count:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} new workers of {parent}, found {worker_pids(parent)}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def send(url: str, rows: np.ndarray, requests: int, threads: int = 8) -> int:
+    """`requests` predictions of one instance each, from threads, each on a new connection so
+    the kernel hands connections to both workers; returns how many answered 200."""
+    answered = []
+    lock = threading.Lock()
+
+    def post(start: int) -> None:
+        for i in range(start, requests, threads):
+            row = rows[i % len(rows)].tolist()
+            response = httpx.post(url, json={"instances": [row]}, timeout=30)
+            if response.status_code == 200:
+                with lock:
+                    answered.append(i)
+
+    pool = [threading.Thread(target=post, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return len(answered)
+
+
+def scraped(service: ServiceProcess, name: str, **labels: str) -> float:
+    return sample_sum(service.metrics(), name, **labels)
+
+
+def wait_for(read: Callable[[], float], expected: float, what: str) -> None:
+    deadline = time.monotonic() + 30
+    value = read()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = read()
+    assert value == expected, f"{what}: {value}, expected {expected}"
+
+
+def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_path: Path) -> None:
+    rows = load_digits().data.astype(np.float32)
+    metrics_parent = tmp_path / "metrics"
+    metrics_parent.mkdir()
+    env = {
+        "EDGEHARVEST_WORKERS": "2",
+        "EDGEHARVEST_REDIS_URL": redis_url,
+        "EDGEHARVEST_DATA_DIR": str(tmp_path / "var"),
+        "EDGEHARVEST_LOG_LEVEL": "warning",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_parent),
+    }
+    client = redis.Redis.from_url(redis_url)
+    with ServiceProcess(MODELS_DIR, env) as service:
+        workers = wait_for_workers(service.pid, 2)
+        url = f"{service.url}/v1/models/digits/predict"
+        before = {pid: cpu_seconds(pid) for pid in workers}
+        first = send(url, rows, 600)
+        assert first == 600
+        used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+        # Both processes served: an idle worker uses next to no CPU.
+        assert min(used.values()) > 0.1, f"CPU seconds per worker while serving: {used}"
+
+        # Any process may answer a scrape; ten in a row must all report the whole service.
+        for _ in range(10):
+            text = service.metrics()
+            labels = {"endpoint": ENDPOINT, "status": "200"}
+            assert sample_sum(text, "edgeharvest_requests_total", **labels) == 600
+            assert sample_sum(text, "edgeharvest_predictions_total") == 600
+            assert sample_sum(text, "edgeharvest_prediction_confidence_count") == 600
+            assert sample_sum(text, "edgeharvest_request_duration_seconds_count") >= 600
+        # The merged page is valid exposition, as Prometheus's own checker reads it.
+        check = subprocess.run(
+            [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        # Served once per loaded version, not once per process.
+        assert scraped(service, "edgeharvest_model_info", model="digits") == 1
+        # Each worker's event writer delivers its own events.
+        wait_for(lambda: scraped(service, "edgeharvest_events_written_total"), 600, "written")
+        assert client.xlen(STREAM) == 600
+        wait_for(lambda: scraped(service, "edgeharvest_event_buffer_events"), 0, "buffered")
+
+        # A worker killed outright is replaced; what it counted still counts.
+        os.kill(workers[0], signal.SIGKILL)
+        replacement = wait_for_workers(service.pid, 1, exclude=frozenset(workers))
+        assert replacement and workers[1] in worker_pids(service.pid)
+        second = send(url, rows, 200)
+        assert second == 200
+        labels = {"endpoint": ENDPOINT, "status": "200"}
+        wait_for(lambda: scraped(service, "edgeharvest_requests_total", **labels), 800, "requests")
+        assert scraped(service, "edgeharvest_predictions_total") == 800
+        wait_for(lambda: scraped(service, "edgeharvest_events_written_total"), 800, "written")
+    # Stopping the service removes its metric files; the operator's directory stays.
+    assert metrics_parent.is_dir() and list(metrics_parent.iterdir()) == []
+    # The events the killed worker had already written are there; none were written twice.
+    assert client.xlen(STREAM) == 800
