@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint format bench bench-batching models clean
+.PHONY: run test install lint format bench bench-batching bench-processes models clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # Adaptive batching on the compute-heavy wide-mlp model (built into var/bench-models on first use).
 bench-batching: $(STAMP)
 	$(BIN)/python bench/batching.py
+
+# One API worker process against two (`serve --workers 2`) on the digits model.
+bench-processes: $(STAMP)
+	$(BIN)/python bench/processes.py
 
 # Rebuild the committed default model (reproducible: same bytes every time).
 models: $(STAMP)

@@ -27,7 +27,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from bench.serving import (
+# Run as a script from anywhere: bench.serving is imported from the repository root.
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     REPO_ROOT,
     Contender,
     LoadSettings,
@@ -120,6 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 contender_runs.append(result)
     results = [median_measurement(r) for r in runs]
     rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
+    for row, contender_runs in zip(rows_out, runs, strict=True):
+        row["rounds"] = [
+            {
+                "requests_per_second": r.wrk.requests_per_second,
+                "latency_ms": r.wrk.latency_ms,
+                "server_cpu_us_per_request": round(r.server_cpu_us_per_request, 1),
+            }
+            for r in contender_runs
+        ]
     report = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),

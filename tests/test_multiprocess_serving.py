@@ -2,7 +2,7 @@
 
 Prometheus scrapes one process at random, so the test that matters is that every scrape reports
 the whole service: requests sent to both workers add up in `/metrics`, whichever process answers,
-and still do after a worker is killed and replaced. Every worker's event writer delivers its
+and still do after a worker is killed and replaced, and after SIGHUP replaces them all. Every worker's event writer delivers its
 events. Stopping the service leaves no metric files behind.
 """
 
@@ -140,7 +140,18 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
         wait_for(lambda: scraped(service, "edgeharvest_requests_total", **labels), 800, "requests")
         assert scraped(service, "edgeharvest_predictions_total") == 800
         wait_for(lambda: scraped(service, "edgeharvest_events_written_total"), 800, "written")
+
+        # SIGHUP replaces every worker, one after another, while requests keep being answered.
+        serving = [*replacement, workers[1]]
+        answered: list[int] = []
+        traffic = threading.Thread(target=lambda: answered.append(send(url, rows, 400, 2)))
+        traffic.start()
+        os.kill(service.pid, signal.SIGHUP)
+        wait_for_workers(service.pid, 2, exclude=frozenset(serving))
+        traffic.join()
+        assert answered == [400]
+        wait_for(lambda: scraped(service, "edgeharvest_predictions_total"), 1200, "predictions")
     # Stopping the service removes its metric files; the operator's directory stays.
     assert metrics_parent.is_dir() and list(metrics_parent.iterdir()) == []
     # The events the killed worker had already written are there; none were written twice.
-    assert client.xlen(STREAM) == 800
+    assert client.xlen(STREAM) == 1200
