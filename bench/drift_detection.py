@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from service.drift_detectors import ReferenceSample  # noqa: E402
 from service.drift_store import DriftStore  # noqa: E402
 from service.drift_worker import DriftStream, DriftWorker, DriftWorkerMetrics, drift_config  # noqa: E402
+from service.events import decode_entry  # noqa: E402
 from service.model_repository import ModelRepository  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.support import start_server  # noqa: E402
@@ -185,6 +186,10 @@ def scenarios(
 # ---- one replay --------------------------------------------------------------------------
 
 
+def logged_events(connection: Any, stream_key: str) -> int:
+    return sum(len(decode_entry(fields)) for _, fields in connection.xrange(stream_key))
+
+
 def replay(
     base_url: str, redis_server: RedisServer, reference: ReferenceSample, rows: np.ndarray
 ) -> list[dict[str, Any]]:
@@ -200,7 +205,7 @@ def replay(
     connection = redis_server.client()
     store = DriftStore(connection, MODEL, "1")
     deadline = time.monotonic() + 60
-    while connection.xlen(store.stream_key) < len(rows):
+    while logged_events(connection, store.stream_key) < len(rows):
         if time.monotonic() > deadline:
             raise RuntimeError("the service did not log every event within 60 s")
         time.sleep(0.05)
@@ -210,7 +215,7 @@ def replay(
         consumer="bench",
         config=drift_config(WINDOW, None, {}),
         metrics=DriftWorkerMetrics(CollectorRegistry()),
-        round_size=1000,
+        round_size=10,  # entries of 100 events (one per request above)
     )
     with threadpool_limits(limits=1):  # one core, as the cost target says
         worker.run(burst=True)

@@ -62,6 +62,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from service.event_log import pack_entry  # noqa: E402
+from service.events import decode_entry  # noqa: E402
+
 MODEL_DIR = REPO_ROOT / "models"
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "soak.json"
 STREAM = "edgeharvest:{digits}:1:events"
@@ -391,10 +396,11 @@ def describe(sample: dict[str, Any]) -> str:
 
 
 def stream_figures(redis_server: RedisProcess) -> dict[str, Any]:
-    """Distinct event ids, entries, and what an event costs in the service's buffer."""
-    ids: set[bytes] = set()
-    entries = 0
-    buffered_sizes: list[int] = []
+    """Distinct event ids, events (duplicates included), and what an event costs in the
+    service's buffer."""
+    ids: set[str] = set()
+    events = 0
+    buffered_sizes: list[float] = []
     with redis_server.client() as client:
         start = "-"
         while True:
@@ -402,31 +408,26 @@ def stream_figures(redis_server: RedisProcess) -> dict[str, Any]:
             if not page:
                 break
             for _, fields in page:
-                ids.add(fields[b"id"])
-                entries += 1
+                decoded = decode_entry(fields)
+                ids.update(event.id for event in decoded)
+                events += len(decoded)
                 if len(buffered_sizes) < 1000:
-                    buffered_sizes.append(buffered_event_bytes(fields))
+                    buffered_sizes.append(buffered_event_bytes(fields, len(decoded)))
             start = "(" + page[-1][0].decode()
         memory = client.info("memory")["used_memory"]
     return {
         "distinct_events": len(ids),
-        "entries": entries,
+        "events": events,
         "buffered_event_bytes": float(np.mean(buffered_sizes)) if buffered_sizes else 0.0,
         "redis_used_memory_bytes": memory,
     }
 
 
-def buffered_event_bytes(fields: dict[bytes, bytes]) -> int:
-    """The Python objects one event is held as in the service's buffer: a deque slot, a
-    (stream, fields) tuple, the fields dict and its values (the keys are shared literals)."""
-    values: dict[str, bytes | str] = {k.decode(): v for k, v in fields.items()}
-    values["id"] = fields[b"id"].decode()
-    return (
-        8
-        + sys.getsizeof((STREAM, values))
-        + sys.getsizeof(values)
-        + sum(sys.getsizeof(v) for v in values.values())
-    )
+def buffered_event_bytes(fields: dict[bytes, bytes], events: int) -> float:
+    """The Python objects one event is held as in the service's buffer: its share of a deque
+    slot, a (stream, events, packed entry) tuple and the packed entry."""
+    packed = pack_entry({k.decode(): v for k, v in fields.items()}) or b""
+    return (8 + sys.getsizeof((STREAM, events, packed)) + sys.getsizeof(packed)) / events
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,7 +504,7 @@ def summarise(args: argparse.Namespace, run: Run, stream: dict[str, Any]) -> dic
         "events_delivered": delivered,
         "events_dropped": int(end["dropped"]),
         "events_written_metric": int(end["written"]),
-        "duplicate_entries": stream["entries"] - delivered,
+        "duplicate_events": stream["events"] - delivered,
         "books_balance": end["written"] + end["dropped"] == sent,
         "delivered_though_counted_dropped": delivered - int(end["written"]),
         "phases": {name: phase.summary() for name, phase in run.phases.items()},

@@ -384,7 +384,7 @@ def select(
         lease_seconds=settings.label_lease_seconds,
     )
     processed = _run_worker(worker, client, embedded, burst)
-    typer.echo(f"selector processed {processed} events", err=True)
+    typer.echo(f"selector processed {processed} stream entries", err=True)
 
 
 @app.command()
@@ -432,7 +432,7 @@ def drift(
         grace_seconds=settings.drift_window_grace_seconds,
     )
     processed = _run_worker(worker, client, embedded, burst)
-    typer.echo(f"drift worker processed {processed} events", err=True)
+    typer.echo(f"drift worker processed {processed} stream entries", err=True)
 
 
 @app.command("drift-report")

@@ -2,8 +2,8 @@
 
 Every change is a compare-and-set in one Lua script over keys of one model (one hash tag, one
 Cluster slot), so any number of drift workers can share a stream:
-- `ingest` moves a batch of stream entries into the buffer hash (keyed by event id, so a
-  redelivered event overwrites itself), stores the streaming detectors' new state and
+- `ingest` moves the events of a batch of stream entries into the buffer hash (keyed by event
+  id, so a redelivered event overwrites itself), stores the streaming detectors' new state and
   acknowledges the entries - only if the detectors' state is still the one the worker read;
 - `close_window` removes one window's events from the buffer, stores the next state and pushes
   the window's report - only if the state is still the one the worker evaluated against.

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from service.drift_detectors import PageHinkley, WindowData
-from service.events import Event
+from service.events import Event, decode_event
 
 # Page-Hinkley on each score's reference percentile / 100, which is uniform on [0, 1] while
 # traffic looks like the reference: novelty is watched for rises, confidence for falls.
@@ -26,9 +26,10 @@ _LENGTH = struct.Struct("<BI")
 # ---- buffered events ---------------------------------------------------------------------
 
 
-def pack_event(entry_id: str, timestamp: float, fields: Mapping[str, bytes]) -> bytes:
-    """One stream entry as one hash value: `entry_id ts\\n`, then (name, value) length-prefixed."""
-    parts = [f"{entry_id} {timestamp!r}\n".encode()]
+def pack_event(entry_id: str, row: int, timestamp: float, fields: Mapping[str, bytes]) -> bytes:
+    """The event of row `row` of stream entry `entry_id` as one hash value:
+    `entry_id row ts\\n`, then its fields' (name, value) pairs, length-prefixed."""
+    parts = [f"{entry_id} {row} {timestamp!r}\n".encode()]
     for name, value in fields.items():
         key = name.encode()
         parts += [_LENGTH.pack(len(key), len(value)), key, value]
@@ -38,14 +39,15 @@ def pack_event(entry_id: str, timestamp: float, fields: Mapping[str, bytes]) -> 
 @dataclass(frozen=True)
 class BufferedEvent:
     entry_id: str
+    row: int
     timestamp: float
     packed: bytes
 
     @property
-    def order(self) -> tuple[int, int]:
-        """Stream order: entry ids are `<milliseconds>-<sequence>`."""
+    def order(self) -> tuple[int, int, int]:
+        """Stream order: entry ids are `<milliseconds>-<sequence>`, then the row in the entry."""
         ms, _, seq = self.entry_id.partition("-")
-        return int(ms), int(seq or 0)
+        return int(ms), int(seq or 0), self.row
 
     def fields(self) -> dict[str, bytes]:
         data = self.packed
@@ -60,11 +62,15 @@ class BufferedEvent:
             offset += value_length
         return fields
 
+    def event(self) -> Event:
+        return decode_event(self.fields())
+
 
 def read_buffered(packed: bytes) -> BufferedEvent:
-    header = packed[: packed.index(b"\n")].decode()
-    entry_id, _, timestamp = header.partition(" ")
-    return BufferedEvent(entry_id, float(timestamp), packed)
+    entry_id, *rest = packed[: packed.index(b"\n")].decode().split(" ")
+    # `entry_id ts`: buffered before entries held batches, one event per entry.
+    row, timestamp = rest if len(rest) == 2 else ("0", rest[0])
+    return BufferedEvent(entry_id, int(row), float(timestamp), packed)
 
 
 # ---- which events form the next window ---------------------------------------------------

@@ -2,11 +2,11 @@
 
 Each worker is a consumer in the `drift` consumer group of every served model version's event
 stream (independent of the selector's group: both see every event). A round reads a batch of
-events, feeds them to the streaming alarms and moves them into the shared window buffer in
-Redis, acknowledging them in the same script; then, while the buffer holds a complete window,
-it evaluates the oldest window against the reference profile and commits the report. Both
-steps are compare-and-set (see `drift_store.py`), so several workers, restarts and SIGKILLs
-neither lose nor double-count a window.
+stream entries, feeds their events to the streaming alarms and moves the events, one by one,
+into the shared window buffer in Redis, acknowledging the entries in the same script; then,
+while the buffer holds a complete window, it evaluates the oldest window against the reference
+profile and commits the report. Both steps are compare-and-set (see `drift_store.py`), so
+several workers, restarts and SIGKILLs neither lose nor double-count a window.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from service.drift_windows import (
     score_histograms,
     window_data,
 )
-from service.events import decode_event
+from service.events import decode_entry, event_fields
 from service.redis_connection import SyncRedis
 from service.settings import check_override_keys
 from service.stream_group import GroupReader, run_rounds
@@ -68,7 +68,8 @@ class DriftWorkerMetrics:
         )
         self.undecodable = Counter(
             "edgeharvest_drift_undecodable_events_total",
-            "Events that could not be decoded and were skipped.",
+            "Stream entries (each an inference batch of events) that could not be decoded and "
+            "were skipped.",
             model,
             registry=registry,
         )
@@ -149,7 +150,8 @@ class DriftWorker:
             self.reader.ensure_group(store.stream_key)
 
     def run(self, burst: bool = False) -> int:
-        """Process rounds until stopped; with `burst`, until every stream is drained."""
+        """Process rounds until stopped; with `burst`, until every stream is drained. Returns
+        the number of stream entries processed (the metrics count their events)."""
         self.ensure_groups()
 
         def one_round(block: bool) -> int:
@@ -158,7 +160,8 @@ class DriftWorker:
         return run_rounds(self._stop, one_round, burst, logger, f"drift worker {self.consumer}")
 
     def process_stream(self, stream: DriftStream, block: bool = False) -> int:
-        """One round on one stream: ingest stale pending events or new ones, close windows."""
+        """One round on one stream: ingest stale pending entries or new ones, close windows.
+        Returns the number of entries."""
         store = self.stores[(stream.model, stream.version)]
         entries = self.reader.read_round(store.stream_key, block=block and len(self.streams) == 1)
         if entries:
@@ -178,20 +181,24 @@ class DriftWorker:
         undecodable = 0
         for entry_id, fields in entries:
             try:
-                event = decode_event(fields)
+                events = decode_entry(fields)
             except (KeyError, ValueError) as exc:
                 undecodable += 1
-                logger.warning("skipping an undecodable event on %s: %s", store.stream_key, exc)
+                logger.warning("skipping an undecodable entry on %s: %s", store.stream_key, exc)
                 continue
-            raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
-            packed.append((event.id, pack_event(entry_id.decode(), float(event.meta["ts"]), raw)))
-            percentiles.append(event.percentiles)
+            # Keyed by event id, so a redelivered entry overwrites its own events; ordered by
+            # (entry id, row), so windows follow the stream.
+            for row, event in enumerate(events):
+                timestamp = float(event.meta["ts"])
+                buffered = pack_event(entry_id.decode(), row, timestamp, event_fields(event))
+                packed.append((event.id, buffered))
+                percentiles.append(event.percentiles)
         ids = [entry_id for entry_id, _ in entries]
         for _ in range(MAX_ATTEMPTS):
             snapshot = store.streaming()
             alarms = StreamingAlarms(snapshot.value, self.span)
-            for row in percentiles:
-                alarms.update(row)
+            for event_percentiles in percentiles:
+                alarms.update(event_percentiles)
             if store.ingest(snapshot, alarms.state(), GROUP, packed, ids):
                 break
             self.metrics.conflicts.labels(*labels).inc()
@@ -199,7 +206,7 @@ class DriftWorker:
             # Left pending: claimed again once idle, by this worker or another.
             logger.warning("could not ingest %d events on %s; retried later", len(ids), labels)
             return
-        self.metrics.events.labels(*labels).inc(len(entries))
+        self.metrics.events.labels(*labels).inc(len(packed))
         if undecodable:
             self.metrics.undecodable.labels(*labels).inc(undecodable)
 
@@ -275,7 +282,7 @@ class DriftWorker:
         if not plan.event_ids:
             return state, None
         started = time.perf_counter()
-        events = [decode_event(buffered[i].fields()) for i in plan.event_ids]
+        events = [buffered[i].event() for i in plan.event_ids]
         reference = stream.reference
         data = window_data(events, reference.score_distributions)
         evaluator = WindowEvaluator(reference, self.config, streaks=state["streaks"])

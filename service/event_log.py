@@ -1,19 +1,27 @@
 """The event log: a bounded in-process buffer, written to Redis Streams by a background task.
 
-The request path only calls `append`, which never waits, fails or does IO. When Redis is slow
-or down, events wait in the buffer; when the buffer is full the oldest are dropped, because
-recent events matter more to monitoring. Nothing is lost silently: every drop is counted, by
-reason.
+The request path only calls `append`, which never waits, fails or does IO. Each call queues one
+stream entry holding the events of one inference batch (see `events.py`); the buffer's
+capacity, its depth and the written and dropped counters all count events (predictions), not
+entries, so they mean what they meant when every event was an entry of its own. When Redis is
+slow or down, entries wait in the buffer; when a new entry does not fit, the oldest entries are
+dropped, whole, until it does, because recent events matter more to monitoring (an entry of
+more events than the whole capacity is dropped itself). Nothing is lost silently: every drop is
+counted, in events, by reason.
 
 Delivery is at least once. A batch is one non-transactional pipeline holding, per stream, one
-Lua script that XADDs all of that stream's events, passed packed into one argument (one command
-per stream instead of one per event, and one argument instead of two per field: about 2.7 us of
-client CPU per event of five fields against 10.6 us with an argument per field, measured with
-redis-py and hiredis on the development machine); when the connection breaks mid-pipeline we
-cannot know what Redis applied, so the whole batch goes back to the front of the buffer and is
-sent again. A few events may then appear twice in a stream; consumers deduplicate by the event's
-`id` field. Each script touches one key, and a pipeline without MULTI is split per node by the
-cluster client, so this is cluster-safe.
+Lua script that XADDs all of that stream's entries, passed packed into one argument (one command
+per stream instead of one per entry, and one argument instead of two per field: redis-py
+encodes every argument in Python). An entry is packed once, when it is appended. When the
+connection breaks mid-pipeline we cannot know what Redis applied, so the whole batch goes back
+to the front of the buffer and is sent again. A few entries may then appear twice in a stream;
+consumers deduplicate by event id. Each script touches one key, and a pipeline without MULTI is
+split per node by the cluster client, so this is cluster-safe.
+
+Retention: `maxlen` counts events, but Redis trims a stream by entries. Each write trims its
+stream to about `maxlen` events at the events per entry of the entries it writes (for a write
+of 100 entries holding 1,600 events, `MAXLEN ~ maxlen / 16`), so a stream keeps about `maxlen`
+events whatever the batch sizes, once traffic is steady.
 """
 
 from __future__ import annotations
@@ -26,16 +34,16 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from service.redis_connection import AsyncRedis
 
 logger = logging.getLogger("edgeharvest.event_log")
 
 # KEYS[1] = the stream
-# ARGV[1] = approximate MAXLEN, ARGV[2] = the events, packed by `pack_event`: per event a
-#           4-byte little-endian field count, then per field its name and its value, each as a
-#           4-byte little-endian length and the bytes.
+# ARGV[1] = approximate MAXLEN (entries), ARGV[2] = the entries, packed by `pack_entry`: per
+#           entry a 4-byte little-endian field count, then per field its name and its value,
+#           each as a 4-byte little-endian length and the bytes.
 # Returns the number of entries added. Sent with EVAL (Redis caches it by digest), which any
 # cluster pipeline can route by its key. One packed argument instead of two per field: redis-py
 # encodes every argument in Python, which cost more per event than building the event.
@@ -116,16 +124,18 @@ class Backoff:
         return self._rng.uniform(ceiling / 2, ceiling)
 
 
-def _by_stream(batch: list[_Packed]) -> dict[str, list[_Packed]]:
-    """Events grouped by stream key, in order; dicts keep the streams' first-seen order."""
-    groups: dict[str, list[_Packed]] = {}
-    for event in batch:
-        groups.setdefault(event[0], []).append(event)
+def _by_stream(batch: list[_Entry]) -> dict[str, list[_Entry]]:
+    """Entries grouped by stream key, in order; dicts keep the streams' first-seen order."""
+    groups: dict[str, list[_Entry]] = {}
+    for entry in batch:
+        groups.setdefault(entry.stream_key, []).append(entry)
     return groups
 
 
-# Events packed between two yields to the event loop.
-_PACK_CHUNK = 50
+def _events(entries: list[_Entry]) -> int:
+    return sum(entry.events for entry in entries)
+
+
 _u32 = struct.Struct("<I").pack
 _NAMES: dict[str, bytes] = {}
 
@@ -141,9 +151,9 @@ def _packed(value: FieldValue) -> bytes:
     raise TypeError(f"cannot store a {type(value).__name__} in a stream entry")
 
 
-def pack_event(fields: Fields) -> bytes | None:
-    """One event in XADD_BATCH_LUA's format; None if it is empty or holds a value Redis cannot
-    store (None, a bool, a nested value), which would fail every retry."""
+def pack_entry(fields: Fields) -> bytes | None:
+    """One stream entry in XADD_BATCH_LUA's format; None if it is empty or holds a value Redis
+    cannot store (None, a bool, a nested value), which would fail every retry."""
     if not fields:
         return None
     parts = [_u32(len(fields))]
@@ -161,9 +171,12 @@ def pack_event(fields: Fields) -> bytes | None:
     return b"".join(parts)
 
 
-_Event = tuple[str, Fields]
-# Taken from the buffer for one write: the events, and each one packed.
-_Packed = tuple[str, Fields, bytes]
+class _Entry(NamedTuple):
+    """A buffered stream entry, packed by `pack_entry`, and how many events it holds."""
+
+    stream_key: str
+    events: int
+    packed: bytes
 
 
 class EventLog:
@@ -212,7 +225,9 @@ class EventLog:
         self._metrics: EventLogMetrics = metrics or NullEventLogMetrics()
         self._backoff = Backoff(backoff_min, backoff_max, rng or random.Random())
         self._wall_clock = wall_clock
-        self._buffer: deque[_Event] = deque()
+        self._buffer: deque[_Entry] = deque()
+        # Events in the buffer: what capacity, batch_size and the depth gauge count.
+        self._buffered = 0
         # Set by `append` once a full batch waits, so the writer need not sleep out its interval.
         self._batch_ready = asyncio.Event()
         self._stop_requested = asyncio.Event()
@@ -223,22 +238,40 @@ class EventLog:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Events waiting in the buffer."""
+        return self._buffered
 
-    def append(self, stream_key: str, fields: Fields) -> None:
-        """Queue one event for `stream_key`. O(1); never blocks, raises or awaits.
+    def append(self, stream_key: str, fields: Fields, events: int = 1) -> None:
+        """Queue one entry holding `events` events for `stream_key`. Never blocks, raises or
+        awaits; its cost is packing the entry's fields once.
 
         Call it from the event loop's thread, like everything else that touches asyncio.
         """
         if self._closed:
-            self._metrics.dropped(DROPPED_SHUTDOWN, 1)
+            self._metrics.dropped(DROPPED_SHUTDOWN, events)
             return
-        if len(self._buffer) >= self.capacity:
-            self._buffer.popleft()
-            self._metrics.dropped(DROPPED_BUFFER_FULL, 1)
-        self._buffer.append((stream_key, fields))
-        if len(self._buffer) >= self.batch_size:
+        packed = pack_entry(fields)
+        if packed is None:
+            logger.warning("dropping an entry of %d events with unencodable fields", events)
+            self._metrics.dropped(DROPPED_INVALID, events)
+            return
+        if events > self.capacity:
+            self._metrics.dropped(DROPPED_BUFFER_FULL, events)
+            return
+        self._drop_oldest(self.capacity - events)
+        self._buffer.append(_Entry(stream_key, events, packed))
+        self._buffered += events
+        if self._buffered >= self.batch_size:
             self._batch_ready.set()
+
+    def _drop_oldest(self, keep: int) -> None:
+        """Drop the oldest entries, whole, until at most `keep` events are buffered."""
+        dropped = 0
+        while self._buffered - dropped > keep:
+            dropped += self._buffer.popleft().events
+        if dropped:
+            self._buffered -= dropped
+            self._metrics.dropped(DROPPED_BUFFER_FULL, dropped)
 
     async def start(self, redis: AsyncRedis | None = None) -> None:
         """Start the writer, on `redis` or the client given to the constructor."""
@@ -268,21 +301,22 @@ class EventLog:
         # Events appended while the writer drained were still written; from here on they cannot.
         self._closed = True
         if self._buffer:
-            logger.warning("dropping %d unwritten events at shutdown", len(self._buffer))
-            self._metrics.dropped(DROPPED_SHUTDOWN, len(self._buffer))
+            logger.warning("dropping %d unwritten events at shutdown", self._buffered)
+            self._metrics.dropped(DROPPED_SHUTDOWN, self._buffered)
             self._buffer.clear()
+            self._buffered = 0
         self._metrics.buffer_depth(0)
 
     async def _run(self) -> None:
         stopping = self._stop_requested.is_set
         while not (stopping() and not self._buffer):
             try:
-                if len(self._buffer) < self.batch_size and not stopping():
+                if self._buffered < self.batch_size and not stopping():
                     self._batch_ready.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.flush_interval):
                             await self._batch_ready.wait()
-                self._metrics.buffer_depth(len(self._buffer))
+                self._metrics.buffer_depth(self._buffered)
                 if not self._buffer:
                     continue
                 if await self._write_batch():
@@ -306,8 +340,8 @@ class EventLog:
                 await self._stop_requested.wait()
 
     async def _write_batch(self) -> bool:
-        """Write up to batch_size events; True if all were written."""
-        batch = await self._take()
+        """Write about batch_size events (whole entries); True if all were written."""
+        batch = self._take()
         if not batch:
             return True
         trims = self._due_trims(batch)
@@ -324,21 +358,21 @@ class EventLog:
             return False
         elapsed = time.perf_counter() - started
         groups = _by_stream(batch)
-        failed: list[_Packed] = []
+        failed: list[_Entry] = []
         errors = []
-        for (stream_key, events), result in zip(groups.items(), results, strict=False):
+        for (stream_key, entries), result in zip(groups.items(), results, strict=False):
             if isinstance(result, Exception):
-                failed.extend(events)
+                failed.extend(entries)
                 errors.append(result)
             else:
-                self._metrics.written(stream_key, len(events))
+                self._metrics.written(stream_key, _events(entries))
         self._record_trims(trims, results[len(groups) :])
         if failed:
             # Only the rejected streams are re-sent. A script stopped by an error midway keeps
-            # the entries it added, so a few may be duplicated (consumers dedupe by id), and
-            # re-sent events land after newer ones: consumers order by the time in `meta`.
+            # the entries it added, so a few may be duplicated (consumers dedupe by event id),
+            # and re-sent entries land after newer ones: consumers order by the time in `meta`.
             self._requeue(failed)
-            self._write_failed(errors[0], rejected=len(failed))
+            self._write_failed(errors[0], rejected=_events(failed))
             return False
         self._metrics.write_latency(elapsed)
         if self._failures:
@@ -346,35 +380,23 @@ class EventLog:
             self._failures = 0
         return True
 
-    async def _take(self) -> list[_Packed]:
-        batch: list[_Packed] = []
-        invalid = 0
-        try:
-            while self._buffer and len(batch) < self.batch_size:
-                stream_key, fields = self._buffer.popleft()
-                packed = pack_event(fields)
-                if packed is not None:
-                    batch.append((stream_key, fields, packed))
-                else:
-                    invalid += 1
-                if (len(batch) + invalid) % _PACK_CHUNK == 0:
-                    # Packing a full batch in one go held the event loop for about half a
-                    # millisecond, which showed in the request p99: let requests in between.
-                    await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self._requeue(batch)
-            raise
-        if invalid:
-            logger.warning("dropping %d events with empty or unencodable fields", invalid)
-            self._metrics.dropped(DROPPED_INVALID, invalid)
+    def _take(self) -> list[_Entry]:
+        """The oldest entries, whole, up to batch_size events (at least one entry)."""
+        batch: list[_Entry] = []
+        taken = 0
+        while self._buffer and (not batch or taken + self._buffer[0].events <= self.batch_size):
+            entry = self._buffer.popleft()
+            batch.append(entry)
+            taken += entry.events
+        self._buffered -= taken
         return batch
 
-    async def _send(self, batch: list[_Packed], trims: list[str]) -> list[Any]:
+    async def _send(self, batch: list[_Entry], trims: list[str]) -> list[Any]:
         assert self._redis is not None
         pipe = self._redis.pipeline(transaction=False)
-        for stream_key, events in _by_stream(batch).items():
-            packed = b"".join(event[2] for event in events)
-            pipe.eval(XADD_BATCH_LUA, 1, stream_key, self.maxlen, packed)
+        for stream_key, entries in _by_stream(batch).items():
+            packed = b"".join([entry.packed for entry in entries])
+            pipe.eval(XADD_BATCH_LUA, 1, stream_key, self._maxlen_entries(entries), packed)
         if trims:
             assert self.retention_seconds is not None
             # Stream ids start with the server's time in milliseconds; ours is close enough for
@@ -385,11 +407,16 @@ class EventLog:
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    def _due_trims(self, batch: list[_Packed]) -> list[str]:
+    def _maxlen_entries(self, entries: list[_Entry]) -> int:
+        """MAXLEN in entries for a stream written `entries`: `maxlen` events at their mean
+        events per entry, rounded up (see the module docstring)."""
+        return max(1, -(-self.maxlen * len(entries) // max(1, _events(entries))))
+
+    def _due_trims(self, batch: list[_Entry]) -> list[str]:
         if self.retention_seconds is None:
             return []
         now = time.monotonic()
-        streams = dict.fromkeys(event[0] for event in batch)
+        streams = dict.fromkeys(entry.stream_key for entry in batch)
         return [
             key
             for key in streams
@@ -403,14 +430,12 @@ class EventLog:
                 logger.warning("XTRIM MINID on %s failed: %s", stream_key, result)
             self._last_trim[stream_key] = now
 
-    def _requeue(self, events: list[_Packed]) -> None:
-        # Back at the front, in order: these are older than anything appended meanwhile.
-        self._buffer.extendleft((stream_key, fields) for stream_key, fields, _ in reversed(events))
-        overflow = len(self._buffer) - self.capacity
-        if overflow > 0:
-            for _ in range(overflow):
-                self._buffer.popleft()
-            self._metrics.dropped(DROPPED_BUFFER_FULL, overflow)
+    def _requeue(self, entries: list[_Entry]) -> None:
+        # Back at the front, in order: these are older than anything appended meanwhile, so
+        # they are the first to go if the buffer overflows.
+        self._buffer.extendleft(reversed(entries))
+        self._buffered += _events(entries)
+        self._drop_oldest(self.capacity)
 
     def _write_failed(self, error: BaseException, rejected: int | None = None) -> None:
         self._failures += 1
@@ -421,7 +446,7 @@ class EventLog:
             "Redis write failed (%s, attempt %d, %d buffered): %s: %s",
             what,
             self._failures,
-            len(self._buffer),
+            self._buffered,
             type(error).__name__,
             error,
         )

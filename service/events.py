@@ -1,13 +1,24 @@
-"""Prediction events: one per instance, encoded compactly for a Redis Stream, and decoded back.
+"""Prediction events: one per instance, logged one inference batch per Redis Stream entry.
 
-Fields of a stream entry:
-- `id`: the event id (hex), also the idempotency key of everything downstream;
-- `meta`: JSON with ids, time, model, version, prediction, scores, percentiles and flags;
-- `input`: the raw input tensor of the instance (little-endian, dtype and shape in `meta`),
-  absent when not sampled;
-- `embedding`: the L2-normalised embedding as little-endian float16 (half the bytes of float32,
-  and unit vectors need no more precision than float16 keeps);
-- `probabilities`: the class probabilities as little-endian float32.
+The batcher gathers several requests into one onnxruntime call; all their events go into one
+stream entry (one XADD per batch instead of one per prediction, which was most of the event
+log's cost on the event loop). Fields of an entry of n rows:
+- `batch`: the batch id (32 hex digits). Row i's event id is `<batch>-<i>`: unique, and the
+  idempotency key of everything downstream (label queue, dedup, drift window buffer);
+- `meta`: JSON, `{"ts", "model", "version", "input_dtype", "input_shape", "requests", "rows"}`:
+  what all rows share once; `requests`, one `[request_id, start, stop, input_stored]` per
+  request, in row order, covering rows [start, stop) (inputs are sampled per request); `rows`,
+  per row its predicted class, scores, percentiles and flags;
+- `embedding`: the n L2-normalised embeddings as little-endian float16 (half the bytes of
+  float32, and unit vectors need no more precision than float16 keeps);
+- `probabilities`: the n rows of class probabilities as little-endian float32;
+- `input`: the raw input tensors (little-endian, dtype and shape per row in `meta`) of the rows
+  whose request stored its input, in row order; absent when none did.
+
+`decode_entry` gives the entry's events, each with the same id and meta an entry of its own
+used to carry: `id`, `request_id`, `index` (the row within its request), the shared fields,
+then its row. A single event on its own (the drift worker's window buffer keeps events one by
+one) is `event_fields` / `decode_event`, the layout stream entries had before batches.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ from service.onnx_classifier import Prediction
 from service.scores import ScoredBatch
 
 EventFields = dict[str, bytes | str]
+
+# The meta fields every event of an entry shares, in the order an event's meta lists them.
+_SHARED = ("ts", "model", "version", "input_dtype", "input_shape")
 
 
 @dataclass(frozen=True)
@@ -58,33 +72,7 @@ def new_event_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def encode_events(
-    *,
-    model: str,
-    version: str,
-    request_id: str,
-    batch: np.ndarray,
-    prediction: Prediction,
-    scored: ScoredBatch,
-    embeddings: np.ndarray,
-    timestamp: float,
-    store_input: bool,
-) -> list[EventFields]:
-    """The events of one request's batch."""
-    return encode_batch_events(
-        model=model,
-        version=version,
-        spans=[RequestSpan(request_id, 0, len(batch))],
-        batch=batch,
-        prediction=prediction,
-        scored=scored,
-        embeddings=embeddings,
-        timestamp=timestamp,
-        store_inputs=[store_input],
-    )
-
-
-def encode_batch_events(
+def encode_batch_entry(
     *,
     model: str,
     version: str,
@@ -95,61 +83,40 @@ def encode_batch_events(
     embeddings: np.ndarray,
     timestamp: float,
     store_inputs: Sequence[bool],
-) -> list[EventFields]:
-    """The events of a batch gathered from several requests, in row order.
-
-    Each request's events carry its own id and their index within that request, so they are
-    the same whether the request was served alone or gathered with others (only the random
-    event ids and the time differ).
-    """
-    probabilities = _row_bytes(np.ascontiguousarray(prediction.probabilities, dtype="<f4"))
-    halves = _row_bytes(np.ascontiguousarray(embeddings, dtype="<f2"))
-    inputs = _row_bytes(np.ascontiguousarray(batch, dtype=batch.dtype.newbyteorder("<")))
-    rows = scored.rows()
-    # The meta JSON is assembled from pieces: what every event of the batch shares is encoded
-    # once, each row's scores once (orjson), and only ids and indices per event. Building and
-    # encoding one merged dict per event cost twice as much.
-    shared = orjson.dumps(
+) -> EventFields:
+    """The stream entry of a batch gathered from the requests `spans`, whose inputs are stored
+    where `store_inputs` says (one flag per request)."""
+    requests = [
+        (span.request_id, span.start, span.stop, store)
+        for span, store in zip(spans, store_inputs, strict=True)
+    ]
+    meta = orjson.dumps(
         {
             "ts": timestamp,
             "model": model,
             "version": version,
             "input_dtype": _dtype_name(batch.dtype),
             "input_shape": list(batch.shape[1:]),
+            "requests": requests,
+            "rows": scored.rows(),
         }
-    )[1:-1]
-    events: list[EventFields] = []
-    # One random id per batch, suffixed by the row: unique, and a random id per row would cost
-    # more than the rest of the row's encoding.
-    batch_id = new_event_id()
-    for span, store_input in zip(spans, store_inputs, strict=True):
-        request_id = orjson.dumps(span.request_id)
-        for index, i in enumerate(range(span.start, span.stop)):
-            event_id = f"{batch_id}-{i}"
-            meta = b"".join(
-                (
-                    b'{"id":"',
-                    event_id.encode(),
-                    b'","request_id":',
-                    request_id,
-                    b',"index":',
-                    str(index).encode(),
-                    b",",
-                    shared,
-                    b",",
-                    orjson.dumps(rows[i])[1:],
-                )
-            )
-            fields: EventFields = {
-                "id": event_id,
-                "meta": meta,
-                "embedding": halves[i],
-                "probabilities": probabilities[i],
-            }
-            if store_input:
-                fields["input"] = inputs[i]
-            events.append(fields)
-    return events
+    )
+    fields: EventFields = {
+        # One random id per batch, suffixed by the row: unique, and a random id per row would
+        # cost more than the rest of the row's encoding.
+        "batch": new_event_id(),
+        "meta": meta,
+        "embedding": np.ascontiguousarray(embeddings, dtype="<f2").tobytes(),
+        "probabilities": np.ascontiguousarray(prediction.probabilities, dtype="<f4").tobytes(),
+    }
+    stored = batch
+    if not all(store_inputs):
+        rows = [i for _, start, stop, store in requests if store for i in range(start, stop)]
+        stored = batch[rows]
+    if len(stored):
+        little_endian = batch.dtype.newbyteorder("<")
+        fields["input"] = np.ascontiguousarray(stored, dtype=little_endian).tobytes()
+    return fields
 
 
 _DTYPE_NAMES: dict[np.dtype[Any], str] = {}
@@ -163,13 +130,6 @@ def _dtype_name(dtype: np.dtype[Any]) -> str:
     return name
 
 
-def _row_bytes(array: np.ndarray) -> list[bytes]:
-    """Each row's bytes; one copy out of numpy, then slices."""
-    raw = array.tobytes()
-    width = len(raw) // len(array) if len(array) else 0
-    return [raw[i : i + width] for i in range(0, len(raw), width)] if width else [b""] * len(array)
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -178,8 +138,69 @@ def _raw(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
 
+def decode_entry(fields: dict[Any, Any]) -> list[Event]:
+    """The events of a stream entry as redis-py returns it (bytes or str keys), in row order.
+
+    Raises KeyError or ValueError when the entry is not a batch entry. An entry of a single
+    event (the format before batch entries) gives that event, so streams written by an older
+    version are still read.
+    """
+    get = {_text(k): v for k, v in fields.items()}
+    if "batch" not in get:
+        return [decode_event(fields)]
+    batch_id = _text(get["batch"])
+    meta = orjson.loads(get["meta"])
+    rows = meta["rows"]
+    n = len(rows)
+    embeddings = np.frombuffer(_raw(get["embedding"]), dtype="<f2").astype(np.float32)
+    probabilities = np.frombuffer(_raw(get["probabilities"]), dtype="<f4")
+    shape = meta["input_shape"]
+    inputs = None
+    if "input" in get:
+        dtype = np.dtype(meta["input_dtype"]).newbyteorder("<")
+        inputs = np.frombuffer(_raw(get["input"]), dtype=dtype).reshape(-1, *shape)
+    if n == 0 or len(embeddings) % n or len(probabilities) % n:
+        raise ValueError(f"entry {batch_id}: arrays do not split into its {n} rows")
+    embeddings = embeddings.reshape(n, -1)
+    probabilities = probabilities.reshape(n, -1)
+    shared = {name: meta[name] for name in _SHARED}
+    events: list[Event] = []
+    stored = 0
+    for request_id, start, stop, store in meta["requests"]:
+        for index, i in enumerate(range(start, stop)):
+            event_id = f"{batch_id}-{i}"
+            tensor = None
+            if store:
+                if inputs is None or stored >= len(inputs):
+                    raise ValueError(f"entry {batch_id}: row {i} has no stored input")
+                tensor = inputs[stored]
+                stored += 1
+            event_meta = {"id": event_id, "request_id": request_id, "index": index, **shared}
+            event_meta.update(rows[i])
+            events.append(Event(event_id, event_meta, tensor, embeddings[i], probabilities[i]))
+    if len(events) != n:
+        raise ValueError(f"entry {batch_id}: its requests cover {len(events)} of {n} rows")
+    return events
+
+
+def event_fields(event: Event) -> dict[str, bytes]:
+    """One event on its own: `id`, `meta` (JSON), `embedding` (float16), `probabilities`
+    (float32) and, if stored, `input`. `decode_event` reads it back exactly."""
+    fields = {
+        "id": event.id.encode(),
+        "meta": orjson.dumps(event.meta),
+        "embedding": np.ascontiguousarray(event.embedding, dtype="<f2").tobytes(),
+        "probabilities": np.ascontiguousarray(event.probabilities, dtype="<f4").tobytes(),
+    }
+    if event.input is not None:
+        fields["input"] = np.ascontiguousarray(
+            event.input, dtype=event.input.dtype.newbyteorder("<")
+        ).tobytes()
+    return fields
+
+
 def decode_event(fields: dict[Any, Any]) -> Event:
-    """Decode a stream entry as redis-py returns it (bytes or str keys)."""
+    """One event's fields (bytes or str keys), as `event_fields` writes them."""
     get = {_text(k): v for k, v in fields.items()}
     meta = orjson.loads(get["meta"])
     raw_input = get.get("input")

@@ -1,7 +1,8 @@
 """Watch every prediction: score it against the reference, count it, and log it as events.
 
-Runs on the request path, so it does no IO: events go to the in-process buffer of the event
-log, whose background writer talks to Redis. Nothing here can fail a prediction.
+Runs on the request path, so it does no IO: each inference batch's events go, as one stream
+entry, to the in-process buffer of the event log, whose background writer talks to Redis.
+Nothing here can fail a prediction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from service.batch_plan import RequestSpan
-from service.events import encode_batch_events
+from service.events import encode_batch_entry
 from service.metrics import ServiceMetrics
 from service.neighbour_index import l2_normalize
 from service.onnx_classifier import OnnxClassifier, Prediction
@@ -27,7 +28,7 @@ logger = logging.getLogger("edgeharvest.monitoring")
 
 
 class EventSink(Protocol):
-    def append(self, stream_key: str, fields: dict[str, bytes | str]) -> None: ...
+    def append(self, stream_key: str, fields: dict[str, bytes | str], events: int) -> None: ...
 
 
 class PredictionMonitor:
@@ -79,7 +80,7 @@ class PredictionMonitor:
         model_metrics = self.metrics.for_model(model.name, model.version)
         model_metrics.observe_batch(scored)
         if self.events is not None:
-            events = encode_batch_events(
+            entry = encode_batch_entry(
                 model=model.name,
                 version=model.version,
                 spans=spans,
@@ -91,8 +92,6 @@ class PredictionMonitor:
                 # Sampled per request, as when each is served alone.
                 store_inputs=[self._store_input(batch) for _ in spans],
             )
-            stream = event_stream(model.name, model.version)
-            for fields in events:
-                self.events.append(stream, fields)
+            self.events.append(event_stream(model.name, model.version), entry, len(batch))
         model_metrics.scoring_duration.observe(time.perf_counter() - start)
         return scored

@@ -1,9 +1,10 @@
 """The selector worker: event stream -> selection policy -> labeling queue.
 
 Each worker is a consumer in the `selector` consumer group of every served model version's
-event stream, so any number of workers share the load. An event is acknowledged only after its
-round's picks are in the queue; enqueueing is idempotent by event id and content hash, so a
-worker that dies mid-round leaves its events pending, another worker (or the same one after a
+event stream, so any number of workers share the load. A stream entry holds the events of one
+inference batch; it is acknowledged only after its round's picks (from all its events) are in
+the queue; enqueueing is idempotent by event id and content hash, so a worker that dies
+mid-round leaves its entries pending, another worker (or the same one after a
 restart) claims them back with XAUTOCLAIM, and the replay neither loses nor duplicates anything.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from redis.commands.core import Script
 
-from service.events import Event, decode_event
+from service.events import Event, decode_entry
 from service.label_queue import LabelQueue, QueueItem
 from service.redis_connection import SyncRedis
 from service.redis_keys import event_stream, selector_budget
@@ -165,7 +166,8 @@ class SelectorWorker:
             self.reader.ensure_group(event_stream(stream.model, stream.version))
 
     def run(self, burst: bool = False) -> int:
-        """Process rounds until stopped; with `burst`, until every stream is drained."""
+        """Process rounds until stopped; with `burst`, until every stream is drained. Returns
+        the number of stream entries processed (the metrics count their events)."""
         self.ensure_groups()
 
         def one_round(block: bool) -> int:
@@ -174,7 +176,8 @@ class SelectorWorker:
         return run_rounds(self._stop, one_round, burst, logger, f"selector {self.consumer}")
 
     def process_stream(self, stream: ModelStream, block: bool = False) -> int:
-        """One round on one stream: stale pending events first, then new ones."""
+        """One round on one stream: stale pending entries first, then new ones. Returns the
+        number of entries."""
         key = event_stream(stream.model, stream.version)
         entries = self.reader.read_round(key, block=block and len(self.streams) == 1)
         if not entries:
@@ -187,16 +190,18 @@ class SelectorWorker:
     ) -> None:
         started = time.perf_counter()
         events: dict[str, Event] = {}
-        undecodable = 0
+        consumed = undecodable = 0
         for _, fields in entries:
             try:
-                event = decode_event(fields)
+                decoded = decode_entry(fields)
             except (KeyError, ValueError) as exc:
                 undecodable += 1
-                logger.warning("skipping an undecodable event on %s: %s", key, exc)
+                logger.warning("skipping an undecodable entry on %s: %s", key, exc)
                 continue
-            # The event writer may deliver an event twice; the first copy counts.
-            events.setdefault(event.id, event)
+            consumed += len(decoded)
+            for event in decoded:
+                # The event writer may deliver an entry twice; the first copy counts.
+                events.setdefault(event.id, event)
         queue = self.queues[(stream.model, stream.version)]
         now = self.clock()
         candidates = [candidate_of(e) for e in events.values()]
@@ -227,7 +232,7 @@ class SelectorWorker:
             self.metrics.observe_round(stream.model, stream.version, outcome, outcome_enqueued)
         # Acknowledged only now that the round's picks are stored.
         self.redis.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
-        self.metrics.events_processed(stream.model, stream.version, len(entries), undecodable)
+        self.metrics.events_processed(stream.model, stream.version, consumed, undecodable)
         self.metrics.round_duration(time.perf_counter() - started)
 
     def _remaining_budget(self, stream: ModelStream, now: float) -> int:

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     event_buffer_capacity: int = Field(default=10_000, ge=1)
     event_batch_size: int = Field(default=500, ge=1)
     event_flush_interval: float = Field(default=0.05, gt=0)
+    # Events kept per stream (about: Redis trims whole entries of one inference batch each, at
+    # the events per entry of each write; see service/event_log.py).
     event_stream_maxlen: int = Field(default=100_000, ge=1)
     # Also trim events older than this many seconds (0: keep up to maxlen only).
     event_retention_seconds: float = Field(default=0, ge=0)
@@ -91,7 +93,8 @@ class Settings(BaseSettings):
     # Selector: how many items may be enqueued per model version and budget window.
     selector_budget_per_window: int = Field(default=200, ge=0)
     selector_window_seconds: int = Field(default=3600, ge=1)
-    # Events per round (one XREADGROUP), and how long a round waits for new events.
+    # Stream entries per round (one XREADGROUP; an entry holds one inference batch, 1 to
+    # batching_max_batch_size events), and how long a round waits for new ones.
     selector_round_size: int = Field(default=1000, ge=1)
     selector_block_ms: int = Field(default=1000, ge=1)
     # Events another consumer has held unacknowledged this long are claimed (it died).
@@ -110,6 +113,7 @@ class Settings(BaseSettings):
     drift_window_grace_seconds: float = Field(default=10.0, ge=0)
     # Window results kept per model version (GET /v1/models/{name}/drift, the report).
     drift_history_size: int = Field(default=200, ge=1)
+    # Stream entries per round, as selector_round_size.
     drift_round_size: int = Field(default=500, ge=1)
     drift_block_ms: int = Field(default=1000, ge=1)
     drift_claim_idle_seconds: float = Field(default=60.0, gt=0)

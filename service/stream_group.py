@@ -79,7 +79,7 @@ def run_rounds(
     name: str,
 ) -> int:
     """Call `one_round(block)` until `stop` is set; with `burst`, until a round finds nothing.
-    Returns the number of entries processed."""
+    Returns the number of stream entries processed."""
     processed = 0
     try:
         while not stop.is_set():
@@ -88,5 +88,5 @@ def run_rounds(
             if burst and count == 0:
                 break
     finally:
-        logger.info("%s stopped after %d events", name, processed)
+        logger.info("%s stopped after %d stream entries", name, processed)
     return processed

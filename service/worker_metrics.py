@@ -20,7 +20,8 @@ class WorkerMetrics:
         )
         self.undecodable = Counter(
             "edgeharvest_selector_undecodable_events_total",
-            "Events that could not be decoded and were skipped.",
+            "Stream entries (each an inference batch of events) that could not be decoded and "
+            "were skipped.",
             model,
             registry=registry,
         )

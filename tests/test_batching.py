@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_digits
 
 from service.app import create_app
-from service.events import Event, decode_event
+from service.events import Event, decode_entry
 from service.redis_keys import event_stream
 from service.settings import Settings
 from tests.support import MODELS_DIR
@@ -105,13 +105,18 @@ async def send_together(
     )
 
 
+def stream_length(url: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        return int(client.xlen(STREAM))
+
+
 def events_by_request(url: str) -> dict[str, list[Event]]:
     with redis.Redis.from_url(url) as client:
         entries = client.xrange(STREAM)
     events: dict[str, list[Event]] = defaultdict(list)
     for _, fields in entries:
-        event = decode_event(fields)
-        events[event.meta["request_id"]].append(event)
+        for event in decode_entry(fields):
+            events[event.meta["request_id"]].append(event)
     return events
 
 
@@ -154,6 +159,9 @@ async def test_gathered_requests_get_exactly_what_they_get_alone(redis_url: str)
             comparable(e) for e in events
         ]
         assert [e.meta["index"] for e in events] == list(range(len(events)))
+    # One stream entry per onnxruntime call, whatever the number of requests it served.
+    assert stream_length(redis_url) == calls
+    assert stream_length(alone_url) == len(requests)
 
 
 async def test_a_saturated_queue_answers_503_with_retry_after(redis_url: str) -> None:

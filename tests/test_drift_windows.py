@@ -20,24 +20,51 @@ from service.drift_windows import (
     window_data,
 )
 from service.drift_worker import drift_config
-from service.events import Event
+from service.events import Event, event_fields
 
 
 def buffered(entries: dict[str, tuple[str, float]]) -> dict:
-    """event id -> (stream entry id, timestamp), as the worker reads them back from Redis."""
-    return {
-        event_id: read_buffered(pack_event(entry_id, ts, {"id": event_id.encode()}))
-        for event_id, (entry_id, ts) in entries.items()
-    }
+    """event id -> (`stream entry id` or `stream entry id/row`, timestamp), as the worker reads
+    them back from Redis."""
+    result = {}
+    for event_id, (position, ts) in entries.items():
+        entry_id, _, row = position.partition("/")
+        packed = pack_event(entry_id, int(row or 0), ts, {"id": event_id.encode()})
+        result[event_id] = read_buffered(packed)
+    return result
 
 
 def test_packed_events_round_trip_every_field_byte_for_byte() -> None:
     fields = {"id": b"abc-0", "meta": b'{"ts": 1.5}', "input": bytes(range(256)), "empty": b""}
-    event = read_buffered(pack_event("1700000000000-12", 1.5, fields))
+    event = read_buffered(pack_event("1700000000000-12", 7, 1.5, fields))
     assert event.entry_id == "1700000000000-12"
+    assert event.row == 7
     assert event.timestamp == 1.5
-    assert event.order == (1700000000000, 12)
+    assert event.order == (1700000000000, 12, 7)
     assert event.fields() == fields
+
+
+def test_events_buffered_before_batch_entries_are_read_as_row_zero() -> None:
+    old = b"1700000000000-12 1.5\n" + pack_event("x", 0, 0.0, {"id": b"e"}).partition(b"\n")[2]
+    event = read_buffered(old)
+    assert (event.entry_id, event.row, event.timestamp) == ("1700000000000-12", 0, 1.5)
+    assert event.fields() == {"id": b"e"}
+
+
+def test_a_buffered_event_decodes_to_the_event_it_was_made_of() -> None:
+    event = Event(
+        id="abc-3",
+        meta={"id": "abc-3", "ts": 2.5, "input_dtype": "float32", "input_shape": [2]},
+        input=np.array([1.5, -2.0], np.float32),
+        embedding=np.array([0.6, 0.8], np.float16).astype(np.float32),
+        probabilities=np.array([0.25, 0.75], np.float32),
+    )
+    decoded = read_buffered(pack_event("5-0", 3, 2.5, event_fields(event))).event()
+    assert decoded.id == event.id and decoded.meta == event.meta
+    assert decoded.input is not None
+    np.testing.assert_array_equal(decoded.input, event.input)
+    np.testing.assert_array_equal(decoded.embedding, event.embedding)
+    np.testing.assert_array_equal(decoded.probabilities, event.probabilities)
 
 
 def test_count_window_takes_the_oldest_events_in_stream_order_not_text_order() -> None:
@@ -51,6 +78,26 @@ def test_count_window_takes_the_oldest_events_in_stream_order_not_text_order() -
     assert plan.event_ids == ["c", "b", "a"]  # "10-0" sorts before "9-0" as text
     assert (plan.start_time, plan.end_time) == (3.0, 5.0)
     assert plan.late_ids == []
+
+
+def test_count_window_cuts_an_entry_between_its_rows_in_row_order() -> None:
+    # Two entries of three events (one inference batch each), in a buffer keyed by event id.
+    events = buffered(
+        {
+            "y-2": ("10-0/2", 2.0),
+            "x-10": ("9-0/10", 1.0),
+            "y-0": ("10-0/0", 2.0),
+            "x-2": ("9-0/2", 1.0),
+            "x-9": ("9-0/9", 1.0),
+            "y-1": ("10-0/1", 2.0),
+        }
+    )
+    plan = plan_count_window(events, 4, 0)
+    assert plan is not None
+    assert plan.event_ids == ["x-2", "x-9", "x-10", "y-0"]  # row 10 after row 9, not as text
+    rest = {k: v for k, v in events.items() if k not in plan.event_ids}
+    following = plan_count_window(rest, 2, 1)
+    assert following is not None and following.event_ids == ["y-1", "y-2"]
 
 
 def test_time_window_closes_after_its_end_plus_grace_and_sets_late_events_aside() -> None:

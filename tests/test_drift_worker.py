@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from service.app import create_app
 from service.drift_detectors import ReferenceSample
 from service.drift_store import DriftStore
 from service.drift_worker import GROUP, DriftStream, DriftWorker, DriftWorkerMetrics, drift_config
+from service.events import decode_entry
 from service.model_repository import ModelRepository
 from service.redis_keys import event_stream
 from service.settings import Settings
@@ -79,7 +79,8 @@ def make_worker(
         consumer=consumer,
         config=drift_config(window, None, dict(overrides)),
         metrics=DriftWorkerMetrics(CollectorRegistry()),
-        round_size=100,
+        # Entries of 64 or 100 events: rounds of 128-200, so several workers share a stream.
+        round_size=2,
         block_ms=50,
     )
 
@@ -88,7 +89,8 @@ def test_windows_are_tested_and_served_by_the_api_and_metrics(
     redis_url: str, client: redis.Redis
 ) -> None:
     send_traffic(redis_url, np.concatenate([in_distribution(500), noise(500)]))
-    assert make_worker(client).run(burst=True) == 1000
+    # Ten requests of 100: ten stream entries, cut by the windows of 250 events.
+    assert make_worker(client).run(burst=True) == 10
     store = DriftStore(client, "digits", "1")
     history = store.history(10)
     assert [w["index"] for w in history] == [3, 2, 1, 0]
@@ -142,7 +144,8 @@ def test_windows_are_tested_and_served_by_the_api_and_metrics(
 def test_concurrent_workers_neither_lose_nor_double_count_a_window(
     redis_url: str, client: redis.Redis
 ) -> None:
-    send_traffic(redis_url, in_distribution(2000, seed=1))
+    # Requests of 64 rows, one stream entry each: windows of 200 cut through entries.
+    send_traffic(redis_url, in_distribution(2000, seed=1), batch=64)
     workers = []
     for name in ("a", "b", "c"):
         connection = redis.Redis.from_url(redis_url)
@@ -156,7 +159,7 @@ def test_concurrent_workers_neither_lose_nor_double_count_a_window(
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert sum(counts.values()) == 2000
+    assert sum(counts.values()) == client.xlen(STREAM) == 32
     assert sum(1 for c in counts.values() if c > 0) >= 2  # the work was really shared
     store = DriftStore(client, "digits", "1")
     state, _, _ = store.overview()
@@ -169,13 +172,15 @@ def test_concurrent_workers_neither_lose_nor_double_count_a_window(
 def test_sigkill_at_random_points_loses_and_double_counts_no_window(
     redis_url: str, client: redis.Redis, tmp_path: Path
 ) -> None:
-    send_traffic(redis_url, in_distribution(1500, seed=2))
+    # Requests of 64 rows, one stream entry each: windows of 100 cut through entries.
+    send_traffic(redis_url, in_distribution(1500, seed=2), batch=64)
     env = {
         **os.environ,
         "EDGEHARVEST_REDIS_URL": redis_url,
         "EDGEHARVEST_MODEL_DIR": str(MODELS_DIR),
         "EDGEHARVEST_DRIFT_WINDOW_SIZE": "100",
-        "EDGEHARVEST_DRIFT_ROUND_SIZE": "20",
+        # One entry (64 events) per round: many rounds for the kills to fall into.
+        "EDGEHARVEST_DRIFT_ROUND_SIZE": "1",
         "EDGEHARVEST_DRIFT_CLAIM_IDLE_SECONDS": "0.05",
         "EDGEHARVEST_DRIFT_BLOCK_MS": "50",
     }
@@ -228,7 +233,7 @@ def test_drift_worker_stops_on_sigterm_and_skips_models_without_reference(
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert "drift worker processed 0 events" in err
+    assert "drift worker processed 0 stream entries" in err
     bad = subprocess.run(
         [sys.executable, "-m", "service.cli", "drift"],
         env={**env, "EDGEHARVEST_DRIFT": '{"alpah": 0.1}'},
@@ -271,4 +276,4 @@ def test_time_windows_close_after_their_end_and_are_numbered_by_period(
 
 
 def event_meta(client: redis.Redis) -> list[dict[str, object]]:
-    return [json.loads(fields[b"meta"]) for _, fields in client.xrange(STREAM)]
+    return [e.meta for _, fields in client.xrange(STREAM) for e in decode_entry(fields)]

@@ -373,3 +373,87 @@ def test_buffer_gauge_is_read_at_scrape_time_even_while_redis_is_down() -> None:
             assert client.post("/v1/models/digits/predict", json=one).status_code == 200
         depth = sample(client, "edgeharvest_event_buffer_events")
     assert depth == 15
+
+
+# ---- entries of several events (one inference batch each) ------------------------------------
+
+
+def batch_entry(i: int, events: int) -> EventFields:
+    """An entry standing for `events` events, told apart by its id."""
+    return {"id": f"b{i:06d}", "events": events}
+
+
+async def test_capacity_and_counters_count_events_and_whole_entries_are_dropped(
+    private_redis: RedisServer, private_client: AsyncRedis
+) -> None:
+    private_redis.stop()
+    metrics = CountingMetrics()
+    log = fast_retrying_log(private_client, metrics, capacity=50, batch_size=20)
+    await log.start()
+    sizes = [16, 1, 7, 16, 3, 16, 16, 5, 9, 16, 2, 16]  # 123 events in 12 entries
+    for i, size in enumerate(sizes):
+        log.append(STREAM, batch_entry(i, size), size)
+        assert log.buffered <= 50
+        await asyncio.sleep(0.002)
+    # An entry of more events than the whole capacity can never be kept: dropped at once.
+    log.append(STREAM, batch_entry(99, 51), 51)
+    # What stays is the newest entries that fit, whole: 5 + 9 + 16 + 2 + 16 = 48 events (the
+    # 16 before them would make 64). Once no batch is out being tried, the buffer holds them.
+    kept = [7, 8, 9, 10, 11]
+    await wait_until(lambda: log.buffered == 48 and metrics.write_errors >= 1)
+    assert metrics.dropped_by_reason == Counter({"buffer_full": sum(sizes) - log.buffered + 51})
+    assert max(metrics.depths) <= 50
+
+    private_redis.start()
+    await wait_until(lambda: metrics.written_total == sum(sizes[i] for i in kept))
+    await log.stop()
+    assert await stream_ids(private_client) == [f"b{i:06d}" for i in kept]
+    # A write takes whole entries of up to batch_size events: [5, 9], [16, 2], [16].
+    assert len(metrics.latencies) == 3
+
+
+async def test_writes_take_whole_entries_and_count_their_events(redis: AsyncRedis) -> None:
+    metrics = CountingMetrics()
+    log = EventLog(redis, batch_size=40, flush_interval=60, metrics=metrics)
+    await log.start()
+    for i in range(10):
+        log.append(STREAM, batch_entry(i, 16), 16)
+    await log.stop()
+
+    assert await stream_ids(redis) == [f"b{i:06d}" for i in range(10)]
+    assert metrics.written_total == 160
+    # Two entries (32 events) per write: a third would pass batch_size.
+    assert len(metrics.latencies) == 5
+    assert metrics.dropped_by_reason == Counter()
+
+
+async def test_stop_counts_the_events_of_unwritten_entries(
+    private_redis: RedisServer, private_client: AsyncRedis
+) -> None:
+    private_redis.stop()
+    metrics = CountingMetrics()
+    log = fast_retrying_log(private_client, metrics, shutdown_timeout=0.2)
+    await log.start()
+    for i in range(3):
+        log.append(STREAM, batch_entry(i, 16), 16)
+    log.append(STREAM, {"id": "bad", "value": None}, 16)  # type: ignore[dict-item]
+    await log.stop()
+    log.append(STREAM, batch_entry(3, 16), 16)
+
+    assert metrics.dropped_by_reason == Counter({"shutdown": 64, "invalid": 16})
+
+
+async def test_maxlen_counts_events_whatever_the_entries_hold(redis: AsyncRedis) -> None:
+    metrics = CountingMetrics()
+    log = EventLog(redis, maxlen=1000, batch_size=100, metrics=metrics)
+    await log.start()
+    for i in range(500):
+        log.append(STREAM, batch_entry(i, 10), 10)
+    await wait_until(lambda: metrics.written_total == 5000)
+    await log.stop()
+
+    # About 1,000 events: MAXLEN ~ 100 entries of 10, trimmed by whole stream nodes (100
+    # entries each by default), never below.
+    length = await redis.xlen(STREAM)
+    assert 100 <= length < 200
+    assert (await stream_ids(redis))[-1] == "b000499"

@@ -6,11 +6,11 @@ import struct
 
 import pytest
 
-from service.event_log import pack_event
+from service.event_log import pack_entry
 
 
 def unpack(blob: bytes) -> list[dict[bytes, bytes]]:
-    """What XADD_BATCH_LUA reads, in Python: per event a field count, then length-prefixed
+    """What XADD_BATCH_LUA reads, in Python: per entry a field count, then length-prefixed
     names and values, all lengths 4-byte little-endian."""
     events, pos = [], 0
 
@@ -33,10 +33,10 @@ def unpack(blob: bytes) -> list[dict[bytes, bytes]]:
     return events
 
 
-def test_events_pack_and_unpack_to_what_redis_stores() -> None:
+def test_entries_pack_and_unpack_to_what_redis_stores() -> None:
     first = {"id": "e1", "meta": b'{"a": 1}', "embedding": bytes(range(256)), "n": 7, "x": 0.25}
     second = {"id": "é", "empty": b""}
-    packed = [pack_event(first), pack_event(second)]
+    packed = [pack_entry(first), pack_entry(second)]
     assert all(p is not None for p in packed)
     assert unpack(b"".join(p for p in packed if p is not None)) == [
         {
@@ -53,5 +53,5 @@ def test_events_pack_and_unpack_to_what_redis_stores() -> None:
 @pytest.mark.parametrize(
     "fields", [{}, {"id": "e", "flag": True}, {"id": "e", "none": None}, {"id": "e", "l": [1]}]
 )
-def test_unstorable_events_are_refused(fields: dict[str, object]) -> None:
-    assert pack_event(fields) is None  # type: ignore[arg-type]
+def test_unstorable_entries_are_refused(fields: dict[str, object]) -> None:
+    assert pack_entry(fields) is None  # type: ignore[arg-type]

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 from sklearn.datasets import load_digits
 
 from service.embedded_redis import redis_server_executable
+from service.events import decode_entry
 from service.redis_keys import event_stream
 from tests.metric_samples import sample_sum
 from tests.prediction_load import PredictionLoad
@@ -117,7 +117,9 @@ def test_redis_killed_under_load_every_event_delivered_or_counted(
     # Delivery is at least once: a batch re-sent after a broken connection may repeat entries,
     # so events are counted by id.
     request_of = {
-        fields[b"id"]: orjson.loads(fields[b"meta"])["request_id"] for _, fields in entries
+        event.id: event.meta["request_id"]
+        for _, fields in entries
+        for event in decode_entry(fields)
     }
     delivered = len(request_of)
     assert delivered + dropped == sent

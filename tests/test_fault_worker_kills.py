@@ -27,6 +27,7 @@ import redis
 from sklearn.datasets import load_digits
 
 from service.drift_store import DriftStore
+from service.events import decode_entry
 from service.label_queue import LabelQueue
 from service.redis_keys import event_stream
 from tests.prediction_load import PredictionLoad
@@ -58,12 +59,12 @@ def worker_env(redis_url: str) -> dict[str, str]:
         **os.environ,
         "EDGEHARVEST_REDIS_URL": redis_url,
         "EDGEHARVEST_MODEL_DIR": str(MODELS_DIR),
-        "EDGEHARVEST_SELECTOR_ROUND_SIZE": "25",
+        "EDGEHARVEST_SELECTOR_ROUND_SIZE": "5",
         "EDGEHARVEST_SELECTOR_BUDGET_PER_WINDOW": str(BUDGET),
         "EDGEHARVEST_SELECTOR_CLAIM_IDLE_SECONDS": "0.05",
         "EDGEHARVEST_SELECTOR_BLOCK_MS": "50",
         "EDGEHARVEST_DRIFT_WINDOW_SIZE": str(WINDOW),
-        "EDGEHARVEST_DRIFT_ROUND_SIZE": "20",
+        "EDGEHARVEST_DRIFT_ROUND_SIZE": "4",
         "EDGEHARVEST_DRIFT_CLAIM_IDLE_SECONDS": "0.05",
         "EDGEHARVEST_DRIFT_BLOCK_MS": "50",
     }
@@ -144,7 +145,7 @@ def test_workers_killed_mid_batch_under_traffic_lose_and_double_count_nothing(
         _, err = finisher.communicate(timeout=180)
         assert finisher.returncode == 0, err.decode(errors="replace")
 
-    stream_ids = {fields[b"id"].decode() for _, fields in client.xrange(STREAM)}
+    stream_ids = {e.id for _, fields in client.xrange(STREAM) for e in decode_entry(fields)}
     assert len(stream_ids) == sent
     last = client.xinfo_stream(STREAM)["last-generated-id"]
     groups = {g["name"].decode(): g for g in client.xinfo_groups(STREAM)}

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.settings import Settings
 from tests.support import MODELS_DIR
-from tests.test_selector_worker import make_worker, traffic
+from tests.test_selector_worker import make_worker, stream_event_ids, traffic
 
 Q = "/v1/models/digits/queue"
 
@@ -34,7 +34,7 @@ def client(redis_url: str) -> Iterator[TestClient]:
         # The event log flushes in the background: wait until every event is in the stream.
         with redis.Redis.from_url(redis_url) as r:
             deadline = time.monotonic() + 30
-            while r.xlen("edgeharvest:{digits}:1:events") < len(rows):
+            while len(stream_event_ids(r)) < len(rows):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             make_worker(r, budget=40).run(burst=True)

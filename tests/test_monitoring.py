@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_digits
 
 from service.app import create_app
-from service.events import decode_event
+from service.events import Event, decode_entry
 from service.neighbour_index import l2_normalize
 from service.redis_keys import event_stream
 from service.settings import Settings
@@ -53,9 +53,13 @@ def client(redis_url: str, registry: CollectorRegistry) -> Iterator[TestClient]:
         yield test_client
 
 
-def stream_events(url: str) -> list[dict[bytes, bytes]]:
+def stream_entries(url: str) -> list[dict[bytes, bytes]]:
     with redis.Redis.from_url(url) as r:
         return [fields for _, fields in r.xrange(STREAM)]
+
+
+def stream_events(url: str) -> list[Event]:
+    return [event for fields in stream_entries(url) for event in decode_entry(fields)]
 
 
 def test_v1_response_carries_scores_percentiles_and_flags(client: TestClient) -> None:
@@ -111,7 +115,9 @@ def test_events_land_in_the_stream_and_decode_to_the_original(
     embedding = np.asarray(outputs["embedding"]["data"], np.float32).reshape(5, -1)
     probabilities = np.asarray(outputs["probabilities"]["data"], np.float32).reshape(5, 10)
     wait_for(lambda: len(stream_events(redis_url)) == 5)
-    events = [decode_event(f) for f in stream_events(redis_url)]
+    # One request, one inference batch: one stream entry.
+    assert len(stream_entries(redis_url)) == 1
+    events = stream_events(redis_url)
     assert len({e.id for e in events}) == 5
     for i, event in enumerate(events):
         assert event.meta["request_id"] == "req-7"
@@ -185,7 +191,7 @@ def test_predictions_survive_a_redis_outage_and_buffered_events_arrive(
         wait_for(lambda: len(stream_events(server.url)) >= 100)
         # The server lost its first 20 events in the crash; the 100 buffered ones all arrive
         # (a batch in flight when Redis died may be written twice: ids tell them apart).
-        ids = {decode_event(f).id for f in stream_events(server.url)}
+        ids = {e.id for e in stream_events(server.url)}
         assert len(ids) == 100
         assert get("edgeharvest_events_dropped_total", {"reason": "buffer_full"}) == 0
 
@@ -207,7 +213,7 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(registry: CollectorRegis
             assert get("edgeharvest_event_buffer_events") is not None
             server.start()
             wait_for(lambda: len(stream_events(url)) == 10)
-            newest = [decode_event(f).meta["request_id"] for f in stream_events(url)]
+            newest = [e.meta["request_id"] for e in stream_events(url)]
             assert len(set(newest)) == 10
 
 

@@ -29,6 +29,7 @@ from service.app import create_app
 from service.drift_detectors import ReferenceSample
 from service.drift_store import DriftStore
 from service.drift_worker import DriftStream, DriftWorker, DriftWorkerMetrics, drift_config
+from service.events import decode_entry
 from service.model_repository import ModelRepository
 from service.redis_connection import create_redis
 from service.redis_keys import event_stream, model_tag
@@ -104,6 +105,10 @@ def send_interleaved(api: TestClient, digit_batches: int, iris_batches: int) -> 
     return sent[0], sent[1]
 
 
+def event_count(client: redis.cluster.RedisCluster, stream: str) -> int:
+    return sum(len(decode_entry(fields)) for _, fields in client.xrange(stream))
+
+
 def keys_by_node(cluster: RedisCluster, model: str) -> dict[int, int]:
     """How many of the model's keys each node holds, by port."""
     counts = {}
@@ -136,8 +141,11 @@ def test_predictions_events_selection_drift_and_labels_through_a_cluster(
         metrics = api.get("/metrics").text
         assert sample_sum(metrics, "edgeharvest_events_dropped_total") == 0
         assert sample_sum(metrics, "edgeharvest_redis_write_errors_total") == 0
-        assert cluster_client.xlen(DIGITS_STREAM) == digits_sent
-        assert cluster_client.xlen(IRIS_STREAM) == iris_sent
+        assert event_count(cluster_client, DIGITS_STREAM) == digits_sent
+        assert event_count(cluster_client, IRIS_STREAM) == iris_sent
+        # One stream entry per request (each is one inference batch).
+        assert cluster_client.xlen(DIGITS_STREAM) == 6
+        assert cluster_client.xlen(IRIS_STREAM) == 3
 
         # Selection, by a worker of the same kind `edgeharvest select` runs.
         selector = SelectorWorker(
@@ -153,7 +161,7 @@ def test_predictions_events_selection_drift_and_labels_through_a_cluster(
             round_size=200,
             seed=0,
         )
-        assert selector.run(burst=True) == digits_sent + iris_sent
+        assert selector.run(burst=True) == 6 + 3
         for stream in (DIGITS_STREAM, IRIS_STREAM):
             assert cluster_client.xpending(stream, "selector")["pending"] == 0
 
@@ -166,7 +174,7 @@ def test_predictions_events_selection_drift_and_labels_through_a_cluster(
             metrics=DriftWorkerMetrics(CollectorRegistry()),
             round_size=100,
         )
-        assert drift.run(burst=True) == digits_sent
+        assert drift.run(burst=True) == 6
         assert cluster_client.xpending(DIGITS_STREAM, "drift")["pending"] == 0
         store = DriftStore(cluster_client, "digits", "1")
         assert [w["index"] for w in store.history(10)] == [2, 1, 0]
@@ -241,8 +249,8 @@ def test_worker_commands_with_the_cluster_setting_drain_the_streams(
     with TestClient(app) as api:
         digits_sent, iris_sent = send_interleaved(api, digit_batches=3, iris_batches=2)
     # Leaving the client flushed the event log.
-    assert cluster_client.xlen(DIGITS_STREAM) == digits_sent
-    assert cluster_client.xlen(IRIS_STREAM) == iris_sent
+    assert event_count(cluster_client, DIGITS_STREAM) == digits_sent
+    assert event_count(cluster_client, IRIS_STREAM) == iris_sent
 
     plain_url = cluster.url.split("?", 1)[0]
     env = {

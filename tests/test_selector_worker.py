@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_digits
 
 from service.app import create_app
+from service.events import decode_entry
 from service.label_queue import LabelQueue
 from service.redis_keys import event_stream
 from service.selection_policy import SelectionConfig, WindowBudget
@@ -65,14 +66,19 @@ def make_worker(client: redis.Redis, budget: int = 100, **kwargs: object) -> Sel
         config=SelectionConfig(),
         budget=WindowBudget(budget, 3600),
         metrics=WorkerMetrics(CollectorRegistry()),
-        round_size=200,
+        # Entries of 100 events (one per request of send_traffic): rounds of 200 events.
+        round_size=2,
         seed=0,
         **kwargs,  # type: ignore[arg-type]
     )
 
 
+def stream_event_ids(client: redis.Redis) -> list[str]:
+    return [e.id for _, fields in client.xrange(STREAM) for e in decode_entry(fields)]
+
+
 def group_state(client: redis.Redis) -> dict[str, int]:
-    """Pending (delivered, unacknowledged) events and whether any event was never delivered.
+    """Pending (delivered, unacknowledged) entries and whether any entry was never delivered.
 
     Redis 6.2 (the bundled server) has no `lag` field: compare the group's last delivered id
     with the stream's last id instead."""
@@ -84,10 +90,10 @@ def group_state(client: redis.Redis) -> dict[str, int]:
 def test_burst_drains_the_stream_and_fills_the_queue(redis_url: str, client: redis.Redis) -> None:
     rows = traffic()
     send_traffic(redis_url, rows)
-    assert client.xlen(STREAM) == len(rows)
+    assert len(stream_event_ids(client)) == len(rows)
     worker = make_worker(client, budget=100)
     processed = worker.run(burst=True)
-    assert processed == len(rows)
+    assert processed == client.xlen(STREAM) == 7  # one entry per request
     assert group_state(client) == {"pending": 0, "lag": 0}
     queue = LabelQueue(client, "digits", "1")
     stats = queue.stats(time.time())
@@ -128,12 +134,13 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     redis_url: str, client: redis.Redis
 ) -> None:
     rows = traffic(seed=1, repeats=40)
-    send_traffic(redis_url, rows)
+    # Entries of 16 events, as the batcher makes under load: rounds of 32 events.
+    send_traffic(redis_url, rows, batch=16)
     env = {
         **os.environ,
         "EDGEHARVEST_REDIS_URL": redis_url,
         "EDGEHARVEST_MODEL_DIR": str(MODELS_DIR),
-        "EDGEHARVEST_SELECTOR_ROUND_SIZE": "25",
+        "EDGEHARVEST_SELECTOR_ROUND_SIZE": "2",
         "EDGEHARVEST_SELECTOR_BUDGET_PER_WINDOW": "300",
         "EDGEHARVEST_SELECTOR_CLAIM_IDLE_SECONDS": "0.05",
         "EDGEHARVEST_SELECTOR_BLOCK_MS": "50",
@@ -156,10 +163,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     assert len(ids) == len(set(ids))
     assert len(hashes) == len(set(hashes))
     # The 40 repeated inputs were never queued twice; every queued item is a real event.
-    stream_ids = set()
-    for _, fields in client.xrange(STREAM):
-        stream_ids.add(fields[b"id"].decode())
-    assert set(ids) <= stream_ids
+    assert set(ids) <= set(stream_event_ids(client))
     assert queue.stats(time.time()).queued == 0  # all claimed by the auditor above
     assert 0 < len(ids) <= 300
 
@@ -182,7 +186,7 @@ def test_worker_stops_on_sigterm(redis_url: str) -> None:
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 0
-    assert "selector processed 0 events" in err
+    assert "selector processed 0 stream entries" in err
     with redis.Redis.from_url(redis_url) as r:
         assert r.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
 
