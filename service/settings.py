@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     selector_budget_per_window: int = Field(default=200, ge=0)
     selector_window_seconds: int = Field(default=3600, ge=1)
     # Stream entries per round (one XREADGROUP; an entry holds one inference batch, 1 to
-    # batching_max_batch_size events), and how long a round waits for new ones.
-    selector_round_size: int = Field(default=1000, ge=1)
+    # batching_max_batch_size events: 64 entries are about 1,000 events at 16 per batch), and
+    # how long a round waits for new ones.
+    selector_round_size: int = Field(default=64, ge=1)
     selector_block_ms: int = Field(default=1000, ge=1)
     # Events another consumer has held unacknowledged this long are claimed (it died).
     selector_claim_idle_seconds: float = Field(default=60.0, gt=0)
@@ -113,8 +114,8 @@ class Settings(BaseSettings):
     drift_window_grace_seconds: float = Field(default=10.0, ge=0)
     # Window results kept per model version (GET /v1/models/{name}/drift, the report).
     drift_history_size: int = Field(default=200, ge=1)
-    # Stream entries per round, as selector_round_size.
-    drift_round_size: int = Field(default=500, ge=1)
+    # Stream entries per round, as selector_round_size (32: about 500 events at 16 per batch).
+    drift_round_size: int = Field(default=32, ge=1)
     drift_block_ms: int = Field(default=1000, ge=1)
     drift_claim_idle_seconds: float = Field(default=60.0, gt=0)
     # Overrides of the window evaluator's config, as JSON, e.g.

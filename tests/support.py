@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
@@ -85,3 +86,21 @@ def kill_repeatedly(
             kills += 1
         process.wait(timeout=30)
     return kills
+
+
+def wait_for_consumer_group(
+    client: redis.Redis, stream: str, group: str, process: subprocess.Popen[str]
+) -> None:
+    """Wait until a worker `process` has created its consumer group: it then runs, with its
+    SIGTERM handler installed (a fixed sleep is too short while other tests load the machine)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            groups = client.xinfo_groups(stream)
+        except redis.ResponseError:  # no stream yet
+            groups = []
+        if any(g["name"] in (group, group.encode()) for g in groups):
+            return
+        assert process.poll() is None, f"the worker exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"no consumer group {group} on {stream} after 60 s"
+        time.sleep(0.05)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from service.events import decode_entry
 from service.model_repository import ModelRepository
 from service.redis_keys import event_stream
 from service.settings import Settings
-from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly
+from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly, wait_for_consumer_group
 
 STREAM = event_stream("digits", "1")
 X, Y = load_digits(return_X_y=True)
@@ -214,7 +213,7 @@ def test_sigkill_at_random_points_loses_and_double_counts_no_window(
 
 
 def test_drift_worker_stops_on_sigterm_and_skips_models_without_reference(
-    redis_url: str,
+    redis_url: str, client: redis.Redis
 ) -> None:
     env = {
         **os.environ,
@@ -229,7 +228,7 @@ def test_drift_worker_stops_on_sigterm_and_skips_models_without_reference(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    wait_for_consumer_group(client, STREAM, GROUP, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err

@@ -2,8 +2,8 @@
 
 Prometheus scrapes one process at random, so the test that matters is that every scrape reports
 the whole service: requests sent to both workers add up in `/metrics`, whichever process answers,
-and still do after a worker is killed and replaced, and after SIGHUP replaces them all. Every worker's event writer delivers its
-events. Stopping the service leaves no metric files behind.
+and still do after a worker is killed and replaced, and after SIGHUP replaces them all. Every
+worker's event writer delivers its events. Stopping the service leaves no metric files behind.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import redis
 from sklearn.datasets import load_digits
 
+from service.events import decode_entry
 from tests.metric_samples import sample_sum
 from tests.service_process import ServiceProcess
 from tests.support import MODELS_DIR
@@ -46,6 +47,11 @@ def wait_for_workers(parent: int, count: int, exclude: frozenset[int] = frozense
             return pids
         time.sleep(0.1)
     raise AssertionError(f"expected {count} new workers of {parent}, found {worker_pids(parent)}")
+
+
+def logged_event_ids(client: redis.Redis) -> list[str]:
+    """The ids of every event in the stream (an entry holds one inference batch's events)."""
+    return [event.id for _, fields in client.xrange(STREAM) for event in decode_entry(fields)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,7 +133,7 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
         assert scraped(service, "edgeharvest_model_info", model="digits") == 1
         # Each worker's event writer delivers its own events.
         wait_for(lambda: scraped(service, "edgeharvest_events_written_total"), 600, "written")
-        assert client.xlen(STREAM) == 600
+        assert len(logged_event_ids(client)) == 600
         wait_for(lambda: scraped(service, "edgeharvest_event_buffer_events"), 0, "buffered")
 
         # A worker killed outright is replaced; what it counted still counts.
@@ -154,4 +160,5 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
     # Stopping the service removes its metric files; the operator's directory stays.
     assert metrics_parent.is_dir() and list(metrics_parent.iterdir()) == []
     # The events the killed worker had already written are there; none were written twice.
-    assert client.xlen(STREAM) == 1200
+    ids = logged_event_ids(client)
+    assert len(ids) == 1200 and len(set(ids)) == 1200

@@ -25,7 +25,7 @@ from service.selection_policy import SelectionConfig, WindowBudget
 from service.selector_worker import GROUP, ModelStream, SelectorWorker, selection_config
 from service.settings import Settings
 from service.worker_metrics import WorkerMetrics
-from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly
+from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly, wait_for_consumer_group
 
 DIGITS = load_digits()
 STREAM = event_stream("digits", "1")
@@ -168,7 +168,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     assert 0 < len(ids) <= 300
 
 
-def test_worker_stops_on_sigterm(redis_url: str) -> None:
+def test_worker_stops_on_sigterm(redis_url: str, client: redis.Redis) -> None:
     env = {
         **os.environ,
         "EDGEHARVEST_REDIS_URL": redis_url,
@@ -182,13 +182,11 @@ def test_worker_stops_on_sigterm(redis_url: str) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    wait_for_consumer_group(client, STREAM, GROUP, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=30)
-    assert process.returncode == 0
+    assert process.returncode == 0, err
     assert "selector processed 0 stream entries" in err
-    with redis.Redis.from_url(redis_url) as r:
-        assert r.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
 
 
 def test_junk_trickling_in_small_rounds_cannot_fill_the_budget(
