@@ -12,11 +12,15 @@ import typer
 from service.errors import EdgeharvestError, ModelLoadError
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     from prometheus_client import CollectorRegistry
 
     from service.drift_worker import DriftWorker
     from service.embedded_redis import EmbeddedRedis
+    from service.manifest import Manifest
     from service.redis_connection import SyncRedis
+    from service.reference_profile import ReferenceProfile
     from service.selector_worker import SelectorWorker
     from service.settings import Settings
 
@@ -365,15 +369,23 @@ def select(
 
     settings = _settings(model_dir)
     try:
-        manifests = ModelRepository.find_manifests(settings.model_dir)
+        ModelRepository.find_manifests(settings.model_dir)
         config = selection_config(settings.selection)
     except (EdgeharvestError, ValueError) as exc:
         _fail(getattr(exc, "message", str(exc)))
+
+    def model_streams(known: Container[tuple[str, str]]) -> list[ModelStream]:
+        return [
+            ModelStream(m.name, m.version, m.class_names)
+            for m in ModelRepository.find_manifests(settings.model_dir)
+            if (m.name, m.version) not in known
+        ]
+
     registry = _worker_registry(settings)
     client, embedded = _worker_redis(settings, settings.selector_block_ms)
     worker = SelectorWorker(
         client,
-        [ModelStream(m.name, m.version, m.class_names) for m in manifests],
+        model_streams(()),
         consumer=_consumer_name(consumer),
         config=config,
         budget=WindowBudget(settings.selector_budget_per_window, settings.selector_window_seconds),
@@ -382,6 +394,8 @@ def select(
         block_ms=settings.selector_block_ms,
         claim_idle_ms=int(settings.selector_claim_idle_seconds * 1000),
         lease_seconds=settings.label_lease_seconds,
+        discover=model_streams,
+        discover_seconds=settings.worker_discover_seconds,
     )
     processed = _run_worker(worker, client, embedded, burst)
     typer.echo(f"selector processed {processed} stream entries", err=True)
@@ -406,22 +420,34 @@ def drift(
         )
     except (EdgeharvestError, ValueError) as exc:
         _fail(getattr(exc, "message", str(exc)))
-    streams = [
-        DriftStream(m.name, m.version, ReferenceSample.from_profile(profile))
-        for m, profile in found
-        if profile is not None
-    ]
-    for manifest in (m for m, profile in found if profile is None):
-        typer.echo(
-            f"model '{manifest.name}' v{manifest.version} has no reference profile: not "
-            "watched for drift (build one with `edgeharvest reference build`)",
-            err=True,
-        )
+    unwatched: set[tuple[str, str]] = set()
+
+    def drift_streams(
+        found: list[tuple[Manifest, ReferenceProfile | None]],
+    ) -> list[DriftStream]:
+        for manifest in (m for m, profile in found if profile is None):
+            if (manifest.name, manifest.version) not in unwatched:
+                unwatched.add((manifest.name, manifest.version))
+                typer.echo(
+                    f"model '{manifest.name}' v{manifest.version} has no reference profile: "
+                    "not watched for drift (build one with `edgeharvest reference build`)",
+                    err=True,
+                )
+        return [
+            DriftStream(m.name, m.version, ReferenceSample.from_profile(profile))
+            for m, profile in found
+            if profile is not None
+        ]
+
+    def new_streams(known: set[tuple[str, str]]) -> list[DriftStream]:
+        # A version without a profile is looked at again: one may be built for it meanwhile.
+        return drift_streams(ModelRepository.find_references(settings.model_dir, known))
+
     registry = _worker_registry(settings)
     client, embedded = _worker_redis(settings, settings.drift_block_ms)
     worker = DriftWorker(
         client,
-        streams,
+        drift_streams(found),
         consumer=_consumer_name(consumer),
         config=config,
         metrics=DriftWorkerMetrics(registry),
@@ -430,6 +456,8 @@ def drift(
         claim_idle_ms=int(settings.drift_claim_idle_seconds * 1000),
         history_size=settings.drift_history_size,
         grace_seconds=settings.drift_window_grace_seconds,
+        discover=new_streams,
+        discover_seconds=settings.worker_discover_seconds,
     )
     processed = _run_worker(worker, client, embedded, burst)
     typer.echo(f"drift worker processed {processed} stream entries", err=True)

@@ -39,7 +39,13 @@ from service.drift_windows import (
 from service.events import decode_entry, event_fields
 from service.redis_connection import SyncRedis
 from service.settings import check_override_keys
-from service.stream_group import GroupReader, run_rounds
+from service.stream_group import (
+    GroupReader,
+    StreamDiscovery,
+    StreamKey,
+    round_over,
+    run_rounds,
+)
 
 logger = logging.getLogger("edgeharvest.drift")
 
@@ -114,9 +120,11 @@ class DriftWorker:
         history_size: int = 200,
         grace_seconds: float = 10.0,
         clock: Callable[[], float] = time.time,
+        discover: Callable[[set[StreamKey]], list[DriftStream]] | None = None,
+        discover_seconds: float = 30.0,
     ) -> None:
         self.redis = redis_client
-        self.streams = streams
+        self.streams = list(streams)
         self.consumer = consumer
         self.config = config
         self.metrics = metrics
@@ -136,6 +144,8 @@ class DriftWorker:
         }
         self._stop = threading.Event()
         self._next_time_check: dict[tuple[str, str], float] = {}
+        # Versions loaded into the API after this worker started (see stream_group.py).
+        self._discovery = StreamDiscovery[DriftStream](discover, discover_seconds, logger)
 
     @property
     def span(self) -> int:
@@ -155,15 +165,29 @@ class DriftWorker:
         self.ensure_groups()
 
         def one_round(block: bool) -> int:
-            return sum(self.process_stream(s, block=block) for s in self.streams)
+            for stream in self._discovery.new_streams(set(self.stores)):
+                self.add_stream(stream)
+            return round_over(
+                self.streams, self.process_stream, block, self._stop, self.reader.block_ms
+            )
 
         return run_rounds(self._stop, one_round, burst, logger, f"drift worker {self.consumer}")
+
+    def add_stream(self, stream: DriftStream) -> None:
+        """Watch one more model version's events from now on (and those already logged)."""
+        store = DriftStore(self.redis, stream.model, stream.version)
+        self.stores[(stream.model, stream.version)] = store
+        self.streams.append(stream)
+        self.reader.ensure_group(store.stream_key)
+        logger.info(
+            "drift worker %s watches model %s v%s", self.consumer, stream.model, stream.version
+        )
 
     def process_stream(self, stream: DriftStream, block: bool = False) -> int:
         """One round on one stream: ingest stale pending entries or new ones, close windows.
         Returns the number of entries."""
         store = self.stores[(stream.model, stream.version)]
-        entries = self.reader.read_round(store.stream_key, block=block and len(self.streams) == 1)
+        entries = self.reader.read_round(store.stream_key, block=block)
         if entries:
             self._ingest(stream, store, entries)
         self.close_windows(stream)

@@ -8,7 +8,7 @@ The manifest, not the folder name, says what the model and version are called.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 from service.errors import ModelLoadError, ModelNotFound
@@ -92,13 +92,17 @@ class ModelRepository:
         return [Manifest.load(p) for p in _manifest_paths(model_dir)]
 
     @staticmethod
-    def find_references(model_dir: Path) -> list[tuple[Manifest, ReferenceProfile | None]]:
+    def find_references(
+        model_dir: Path, known: Container[tuple[str, str]] = ()
+    ) -> list[tuple[Manifest, ReferenceProfile | None]]:
         """Every manifest with its checked reference profile (None if it has none), without
-        loading any model: what the workers need."""
+        loading any model: what the workers need. Versions in `known` ((name, version)) are
+        left out, so a worker looking for new ones loads no profile twice."""
         found = []
         for path in _manifest_paths(model_dir):
             manifest = Manifest.load(path)
-            found.append((manifest, _checked_reference(path.parent, manifest)))
+            if (manifest.name, manifest.version) not in known:
+                found.append((manifest, _checked_reference(path.parent, manifest)))
         return found
 
     @staticmethod

@@ -37,7 +37,13 @@ from service.selection_policy import (
     select_round,
 )
 from service.settings import check_override_keys
-from service.stream_group import GroupReader, run_rounds
+from service.stream_group import (
+    GroupReader,
+    StreamDiscovery,
+    StreamKey,
+    round_over,
+    run_rounds,
+)
 from service.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger("edgeharvest.selector")
@@ -128,9 +134,11 @@ class SelectorWorker:
         lease_seconds: float = 600.0,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        discover: Callable[[set[StreamKey]], list[ModelStream]] | None = None,
+        discover_seconds: float = 30.0,
     ) -> None:
         self.redis = redis_client
-        self.streams = streams
+        self.streams = list(streams)
         self.consumer = consumer
         self.config = config
         self.budget = budget
@@ -144,12 +152,15 @@ class SelectorWorker:
             claim_idle_ms=claim_idle_ms,
         )
         self.clock = clock
+        self.lease_seconds = lease_seconds
         self.queues = {
             (s.model, s.version): LabelQueue(
                 redis_client, s.model, s.version, lease_seconds=lease_seconds
             )
             for s in streams
         }
+        # Versions loaded into the API after this worker started (see stream_group.py).
+        self._discovery = StreamDiscovery[ModelStream](discover, discover_seconds, logger)
         self._spend: Script = redis_client.register_script(SPEND_BUDGET_LUA)
         self._rng = np.random.default_rng(seed)
         self._stop = threading.Event()
@@ -171,15 +182,28 @@ class SelectorWorker:
         self.ensure_groups()
 
         def one_round(block: bool) -> int:
-            return sum(self.process_stream(s, block=block) for s in self.streams)
+            for stream in self._discovery.new_streams(set(self.queues)):
+                self.add_stream(stream)
+            return round_over(
+                self.streams, self.process_stream, block, self._stop, self.reader.block_ms
+            )
 
         return run_rounds(self._stop, one_round, burst, logger, f"selector {self.consumer}")
+
+    def add_stream(self, stream: ModelStream) -> None:
+        """Watch one more model version's events from now on (and those already logged)."""
+        self.queues[(stream.model, stream.version)] = LabelQueue(
+            self.redis, stream.model, stream.version, lease_seconds=self.lease_seconds
+        )
+        self.streams.append(stream)
+        self.reader.ensure_group(event_stream(stream.model, stream.version))
+        logger.info("selector %s watches model %s v%s", self.consumer, stream.model, stream.version)
 
     def process_stream(self, stream: ModelStream, block: bool = False) -> int:
         """One round on one stream: stale pending entries first, then new ones. Returns the
         number of entries."""
         key = event_stream(stream.model, stream.version)
-        entries = self.reader.read_round(key, block=block and len(self.streams) == 1)
+        entries = self.reader.read_round(key, block=block)
         if not entries:
             return 0
         self._process(stream, key, entries)

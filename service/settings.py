@@ -125,6 +125,9 @@ class Settings(BaseSettings):
 
     # Port of a worker's own /metrics (0: none).
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # How often the selector and drift workers read the model repository again, to watch the
+    # event streams of model versions loaded into the API after they started.
+    worker_discover_seconds: float = Field(default=30.0, gt=0)
 
     # ---- Adaptive batching (service/batcher.py) ------------------------------------------------
     # auto: each model's manifest decides ("batching": {"enabled": ...}), on where it is silent;

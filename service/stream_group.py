@@ -1,20 +1,25 @@
 """One consumer of a Redis consumer group on event streams: what the selector and drift workers
 share. A round takes the entries another consumer left pending for too long (it died) before
-new ones, so nothing read is ever left behind; rounds repeat until stopped or drained.
+new ones, so nothing read is ever left behind; rounds repeat until stopped or drained. Between
+rounds the model repository is read again now and then, so a model version loaded into the API
+after the worker started is watched too, without a restart.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import redis
 
 from service.redis_connection import SyncRedis
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+Stream = TypeVar("Stream")
+StreamKey = tuple[str, str]  # (model, version)
 
 
 class GroupReader:
@@ -90,3 +95,50 @@ def run_rounds(
     finally:
         logger.info("%s stopped after %d stream entries", name, processed)
     return processed
+
+
+def round_over(
+    streams: Sequence[Stream],
+    process: Callable[[Stream, bool], int],
+    block: bool,
+    stop: threading.Event,
+    block_ms: int,
+) -> int:
+    """One round over every stream; returns the entries processed. The read of a lone stream
+    blocks in Redis while it is idle. With several streams (or none) reads cannot block, one
+    idle stream would hold up the others, so an idle round waits here instead of spinning."""
+    lone = len(streams) == 1
+    count = sum(process(stream, block and lone) for stream in streams)
+    if block and not lone and count == 0:
+        stop.wait(block_ms / 1000)
+    return count
+
+
+class StreamDiscovery(Generic[Stream]):
+    """Every `interval` seconds, the streams the repository now has that the worker does not
+    watch yet (`discover(known keys)` reads the repository). A repository that cannot be read
+    just now (a manifest being written, say) is logged and tried again at the next interval;
+    the worker goes on with the streams it has."""
+
+    def __init__(
+        self,
+        discover: Callable[[set[StreamKey]], list[Stream]] | None,
+        interval: float,
+        logger: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._discover = discover
+        self._interval = interval
+        self._logger = logger
+        self._clock = clock
+        self._next = clock() + interval
+
+    def new_streams(self, known: set[StreamKey]) -> list[Stream]:
+        if self._discover is None or self._clock() < self._next:
+            return []
+        self._next = self._clock() + self._interval
+        try:
+            return self._discover(known)
+        except Exception as exc:
+            self._logger.warning("cannot read the model repository now (%s); will retry", exc)
+            return []

@@ -276,3 +276,24 @@ def test_time_windows_close_after_their_end_and_are_numbered_by_period(
 
 def event_meta(client: redis.Redis) -> list[dict[str, object]]:
     return [e.meta for _, fields in client.xrange(STREAM) for e in decode_entry(fields)]
+
+
+def test_a_version_discovered_while_running_is_watched(redis_url: str, client: redis.Redis) -> None:
+    """A worker that started before the version was in the repository picks its stream up at
+    the next look at the repository, events logged before that included."""
+    send_traffic(redis_url, in_distribution(500, seed=4), batch=100)
+    on_disk = [DriftStream("digits", "1", REFERENCE)]
+    worker = DriftWorker(
+        client,
+        [],
+        consumer="late",
+        config=drift_config(250, None, {}),
+        metrics=DriftWorkerMetrics(CollectorRegistry()),
+        block_ms=50,
+        discover=lambda known: [s for s in on_disk if (s.model, s.version) not in known],
+        discover_seconds=0.0,
+    )
+    assert worker.run(burst=True) == client.xlen(STREAM) == 5
+    state, _, _ = DriftStore(client, "digits", "1").overview()
+    assert state["windows_evaluated"] == 2 and state["events_evaluated"] == 500
+    assert client.xpending(STREAM, GROUP)["pending"] == 0

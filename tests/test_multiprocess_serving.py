@@ -113,8 +113,9 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
         first = send(url, rows, 600)
         assert first == 600
         used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
-        # Both processes served: an idle worker uses next to no CPU.
-        assert min(used.values()) > 0.1, f"CPU seconds per worker while serving: {used}"
+        # Both processes served: an idle worker uses next to no CPU (its gauge publisher wakes
+        # once a second), one that answered even a tenth of the requests uses tens of ms.
+        assert min(used.values()) > 0.02, f"CPU seconds per worker while serving: {used}"
 
         # Any process may answer a scrape; ten in a row must all report the whole service.
         for _ in range(10):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,13 +80,13 @@ def stream_event_ids(client: redis.Redis) -> list[str]:
     return [e.id for _, fields in client.xrange(STREAM) for e in decode_entry(fields)]
 
 
-def group_state(client: redis.Redis) -> dict[str, int]:
+def group_state(client: redis.Redis, stream: str = STREAM) -> dict[str, int]:
     """Pending (delivered, unacknowledged) entries and whether any entry was never delivered.
 
     Redis 6.2 (the bundled server) has no `lag` field: compare the group's last delivered id
     with the stream's last id instead."""
-    info = client.xinfo_groups(STREAM)[0]
-    last = client.xinfo_stream(STREAM)["last-generated-id"]
+    info = client.xinfo_groups(stream)[0]
+    last = client.xinfo_stream(stream)["last-generated-id"]
     return {"pending": int(info["pending"]), "lag": int(info["last-delivered-id"] != last)}
 
 
@@ -203,3 +206,58 @@ def test_junk_trickling_in_small_rounds_cannot_fill_the_budget(
     assert stats.queued_by_lane.get("novel", 0) == 5
     assert stats.queued_by_lane.get("random", 0) <= 5
     assert stats.queued <= 10 + stats.queued_by_lane.get("uncertain", 0)
+
+
+def test_a_version_added_after_start_is_watched_without_a_restart(
+    redis_url: str, client: redis.Redis, tmp_path: Path
+) -> None:
+    """`edgeharvest select` reads the repository again while it runs: events of a version put
+    there (and loaded into the API) after it started are selected, by the same process."""
+    repository = tmp_path / "models"
+    shutil.copytree(MODELS_DIR / "digits", repository / "digits" / "1", ignore=_only_model)
+    env = {
+        **os.environ,
+        "EDGEHARVEST_REDIS_URL": redis_url,
+        "EDGEHARVEST_MODEL_DIR": str(repository),
+        "EDGEHARVEST_SELECTOR_BLOCK_MS": "100",
+        "EDGEHARVEST_WORKER_DISCOVER_SECONDS": "0.2",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "select"],
+        env=env,
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_consumer_group(client, STREAM, GROUP, process)
+        version_2 = repository / "digits" / "2"
+        # Without the profile: it names version 1 (a version's profile is built for it).
+        shutil.copytree(
+            repository / "digits" / "1", version_2, ignore=shutil.ignore_patterns("*.npz")
+        )
+        manifest = json.loads((version_2 / "manifest.json").read_text())
+        (version_2 / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+        app = create_app(
+            Settings(model_dir=repository, redis_url=redis_url), registry=CollectorRegistry()
+        )
+        with TestClient(app) as api:  # unversioned requests go to the highest version
+            response = api.post(
+                "/v1/models/digits/predict", json={"instances": traffic()[:200].tolist()}
+            )
+            assert response.status_code == 200 and response.json()["model_version"] == "2"
+        stream_2 = event_stream("digits", "2")
+        wait_for_consumer_group(client, stream_2, GROUP, process)
+        deadline = time.monotonic() + 60
+        while group_state(client, stream_2) != {"pending": 0, "lag": 0}:
+            assert time.monotonic() < deadline, f"version 2: {group_state(client, stream_2)}"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+
+
+def _only_model(directory: str, names: list[str]) -> list[str]:
+    """copytree's ignore: the model, its manifest and its profile, not the build script."""
+    return [n for n in names if n not in {"manifest.json", "model.onnx", "reference.npz"}]
