@@ -158,6 +158,7 @@ def _serve_processes(settings: Settings) -> None:
             "service.app:create_app",
             factory=True,
             workers=settings.workers,
+            timeout_worker_healthcheck=settings.worker_start_timeout_seconds,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # and event writer; their metrics are merged (prometheus_client's multiprocess mode). One
     # per core is the usual choice; in Kubernetes, scaling pods is the alternative.
     workers: int = Field(default=1, ge=1)
+    # With several workers: a new one (at start-up, after a crash, on SIGHUP) must be serving
+    # within this long, and each must answer the parent's health ping within it, or it is
+    # replaced (on SIGHUP the old one keeps serving). Covers loading and warming up the models.
+    worker_start_timeout_seconds: int = Field(default=120, ge=1)
 
     # onnxruntime. One intra-op thread per session by default: the service scales out by
     # processes and replicas, and small models lose more to thread hand-off than they gain.
