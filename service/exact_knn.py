@@ -35,12 +35,16 @@ class ExactKthDistance:
         if rows.ndim != 2 or len(rows) == 0:
             raise ValueError(f"reference must be a non-empty 2-D array, got shape {rows.shape}")
         self._reference = rows
-        self._transposed = np.ascontiguousarray(rows.T)
-        self._squared_norms = np.einsum("ij,ij->i", rows, rows)
+        squared_norms = np.einsum("ij,ij->i", rows, rows)
+        # [-2 r, |r|^2] per reference, transposed: one product with [q, 1] gives |r|^2 - 2 q.r,
+        # which ranks references like the squared distance (|q|^2 is the same per query),
+        # without two more passes over the [queries x references] block.
+        self._ranking = np.ascontiguousarray(np.vstack([-2.0 * rows.T, squared_norms[None, :]]))
         # The rounding bound of one approximate squared distance, times two (see module doc):
-        # float32 dot products of dimension d err by at most about d * eps * |q| |r|.
-        scale = max(1.0, float(self._squared_norms.max()))
-        self._tolerance_per_query_norm = 8.0 * rows.shape[1] * _EPS * scale
+        # float32 dot products of dimension d + 1 err by at most about
+        # (d + 1) * eps * (2 |q| |r| + |r|^2).
+        scale = max(1.0, float(squared_norms.max()))
+        self._tolerance_per_query_norm = 8.0 * (rows.shape[1] + 1) * _EPS * scale
 
     @property
     def size(self) -> int:
@@ -74,32 +78,38 @@ class ExactKthDistance:
             [self._kth(rows[start : start + step], k) for start in range(0, len(rows), step)]
         )
 
-    def _products(self, queries: FloatArray) -> FloatArray:
-        """queries @ reference.T, in blocks of 8 query rows: OpenBLAS takes a slower kernel
-        from about 12 rows (16 rows: 35 us in one product, 29 us in two, at 1,347 x 64)."""
+    def _ranks(self, queries: FloatArray) -> FloatArray:
+        """|r|^2 - 2 q.r for every query and reference, in blocks of 8 query rows: OpenBLAS
+        takes a slower kernel from about 12 rows (16 rows: 35 us in one product, 29 us in two,
+        at 1,347 x 64)."""
+        augmented = np.ones((len(queries), self.dim + 1), dtype=np.float32)
+        augmented[:, :-1] = queries
         if len(queries) <= _PRODUCT_ROWS:
-            products: FloatArray = queries @ self._transposed
-            return products
-        products = np.empty((len(queries), self.size), dtype=np.float32)
+            ranks: FloatArray = augmented @ self._ranking
+            return ranks
+        ranks = np.empty((len(queries), self.size), dtype=np.float32)
         for start in range(0, len(queries), _PRODUCT_ROWS):
             stop = start + _PRODUCT_ROWS
-            np.matmul(queries[start:stop], self._transposed, out=products[start:stop])
-        return products
+            np.matmul(augmented[start:stop], self._ranking, out=ranks[start:stop])
+        return ranks
 
     def _kth(self, queries: FloatArray, k: int) -> FloatArray:
-        # |r|^2 - 2 q.r ranks references like the squared distance (|q|^2 is the same per row).
-        approximate = self._products(queries)
-        approximate *= -2.0
-        approximate += self._squared_norms
-        bound = _kth_smallest_bound(approximate, k)
+        approximate = self._ranks(queries)
+        nearest_index = None
+        if k == 1:
+            # One pass finds each row's approximate nearest; its value is the bound.
+            nearest_index = approximate.argmin(axis=1)
+            bound = approximate[np.arange(len(queries)), nearest_index]
+        else:
+            bound = _kth_smallest_bound(approximate, k)
         # One bound for the block, from its largest query: a wider bound only adds candidates,
         # which cannot change the result.
         largest_norm = float(np.einsum("ij,ij->i", queries, queries).max())
         tolerance = self._tolerance_per_query_norm * max(largest_norm, 1.0)
         candidates = approximate <= (bound + tolerance)[:, None]
-        if k == 1 and np.count_nonzero(candidates) == len(queries):
+        if nearest_index is not None and np.count_nonzero(candidates) == len(queries):
             # The common case: one candidate per query, the approximate nearest.
-            differences = self._reference[approximate.argmin(axis=1)] - queries
+            differences = self._reference[nearest_index] - queries
             nearest: FloatArray = np.sqrt(np.einsum("ij,ij->i", differences, differences))
             return nearest
         # Row-major: candidates come out grouped by query, in query order.
