@@ -19,9 +19,9 @@ consumers deduplicate by event id. Each script touches one key, and a pipeline w
 split per node by the cluster client, so this is cluster-safe.
 
 Retention: `maxlen` counts events, but Redis trims a stream by entries. Each write trims its
-stream to about `maxlen` events at the events per entry of the entries it writes (for a write
-of 100 entries holding 1,600 events, `MAXLEN ~ maxlen / 16`), so a stream keeps about `maxlen`
-events whatever the batch sizes, once traffic is steady.
+stream to `MAXLEN ~` the number of newest entries that hold `maxlen` events, counted from the
+entries this writer wrote (stream_retention.py), so a stream keeps about `maxlen` events
+whatever the batch sizes, and a burst of large batches does not trim away older events.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 from service.redis_connection import AsyncRedis
+from service.stream_retention import EntriesForEvents
 
 logger = logging.getLogger("edgeharvest.event_log")
 
@@ -226,6 +227,8 @@ class EventLog:
         self._backoff = Backoff(backoff_min, backoff_max, rng or random.Random())
         self._wall_clock = wall_clock
         self._buffer: deque[_Entry] = deque()
+        # Per stream: how many newest entries hold `maxlen` events (MAXLEN counts entries).
+        self._retention: dict[str, EntriesForEvents] = {}
         # Events in the buffer: what capacity, batch_size and the depth gauge count.
         self._buffered = 0
         # Set by `append` once a full batch waits, so the writer need not sleep out its interval.
@@ -396,7 +399,9 @@ class EventLog:
         pipe = self._redis.pipeline(transaction=False)
         for stream_key, entries in _by_stream(batch).items():
             packed = b"".join([entry.packed for entry in entries])
-            pipe.eval(XADD_BATCH_LUA, 1, stream_key, self._maxlen_entries(entries), packed)
+            pipe.eval(
+                XADD_BATCH_LUA, 1, stream_key, self._maxlen_entries(stream_key, entries), packed
+            )
         if trims:
             assert self.retention_seconds is not None
             # Stream ids start with the server's time in milliseconds; ours is close enough for
@@ -407,10 +412,15 @@ class EventLog:
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    def _maxlen_entries(self, entries: list[_Entry]) -> int:
-        """MAXLEN in entries for a stream written `entries`: `maxlen` events at their mean
-        events per entry, rounded up (see the module docstring)."""
-        return max(1, -(-self.maxlen * len(entries) // max(1, _events(entries))))
+    def _maxlen_entries(self, stream_key: str, entries: list[_Entry]) -> int:
+        """MAXLEN for a write of `entries` to a stream: the entries that hold its newest
+        `maxlen` events (see the module docstring). A batch sent again after a broken
+        connection is counted again, which only keeps a few more entries."""
+        window = self._retention.get(stream_key)
+        if window is None:
+            window = self._retention[stream_key] = EntriesForEvents(self.maxlen)
+        window.add(entry.events for entry in entries)
+        return window.entries()
 
     def _due_trims(self, batch: list[_Entry]) -> list[str]:
         if self.retention_seconds is None:

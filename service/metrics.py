@@ -161,7 +161,7 @@ class ServiceMetrics:
         )
         self.events_dropped = Counter(
             "edgeharvest_events_dropped_total",
-            "Events dropped before reaching Redis, by reason (buffer_full, shutdown).",
+            "Events dropped before reaching Redis, by reason (buffer_full, shutdown, invalid).",
             ["reason"],
             registry=registry,
         )
@@ -176,7 +176,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        for reason in ("buffer_full", "shutdown"):
+        for reason in ("buffer_full", "shutdown", "invalid"):
             self.events_dropped.labels(reason)
         self._bound: dict[tuple[str, str], ModelMetrics] = {}
         self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}

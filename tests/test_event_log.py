@@ -457,3 +457,25 @@ async def test_maxlen_counts_events_whatever_the_entries_hold(redis: AsyncRedis)
     length = await redis.xlen(STREAM)
     assert 100 <= length < 200
     assert (await stream_ids(redis))[-1] == "b000499"
+
+
+async def test_a_burst_of_large_entries_does_not_trim_the_older_events(redis: AsyncRedis) -> None:
+    """MAXLEN counts the entries that hold the newest `maxlen` events, not `maxlen` over the
+    events per entry of one write: 32-event entries after single events keep about 1,000."""
+    metrics = CountingMetrics()
+    log = EventLog(redis, maxlen=1000, batch_size=100, metrics=metrics)
+    await log.start()
+    for i in range(3000):
+        log.append(STREAM, batch_entry(i, 1), 1)
+    await wait_until(lambda: metrics.written_total == 3000)
+    for i in range(3000, 3003):
+        log.append(STREAM, batch_entry(i, 32), 32)
+    await wait_until(lambda: metrics.written_total == 3096)
+    await log.stop()
+
+    ids = await stream_ids(redis)
+    events = sum(32 if i >= "b003000" else 1 for i in ids)
+    # MAXLEN ~ 907 entries (3 of 32 events, 904 of 1), trimmed by whole stream nodes (100
+    # entries each by default), never below: at least the newest 1,000 events.
+    assert 1000 <= events < 1000 + 100 + 32
+    assert ids[-1] == "b003002"
