@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     event_buffer_capacity: int = Field(default=10_000, ge=1)
     event_batch_size: int = Field(default=500, ge=1)
     event_flush_interval: float = Field(default=0.05, gt=0)
-    # Events kept per stream (about: Redis trims whole entries of one inference batch each, at
-    # the events per entry of each write; see service/event_log.py).
+    # Events kept per stream (about: Redis trims whole entries of one inference batch each, as
+    # many as held the newest this many events; see service/stream_retention.py).
     event_stream_maxlen: int = Field(default=100_000, ge=1)
     # Also trim events older than this many seconds (0: keep up to maxlen only).
     event_retention_seconds: float = Field(default=0, ge=0)
