@@ -36,17 +36,15 @@ from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     REPO_ROOT,
     Contender,
     LoadSettings,
-    Measurement,
     Pinning,
     busy_cpu_share,
     contenders,
     expected_classes,
     machine_info,
     markdown_table,
-    measure,
-    median_measurement,
+    measure_rounds,
     standalone_redis,
-    summarise,
+    summarise_rounds,
 )
 
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "processes.json"
@@ -109,31 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         redis_url = stack.enter_context(standalone_redis(workdir, None))
         entries = process_contenders(rows, workdir / "state", redis_url)
-        runs: list[list[Measurement]] = [[] for _ in entries]
-        for round_number in range(1, args.rounds + 1):
-            print(f"round {round_number} of {args.rounds}", flush=True)
-            for contender, contender_runs in zip(entries, runs, strict=True):
-                print(f"  {contender.name} ...", end=" ", flush=True)
-                result = measure(contender, load, unpinned, expected, workdir)
-                print(
-                    f"{result.wrk.requests_per_second:,.0f} req/s, p99 "
-                    f"{result.wrk.latency_ms['99']:.2f} ms",
-                    flush=True,
-                )
-                for error in result.wrk.errors:
-                    print(f"    wrk saw {error}: this run is INVALID", flush=True)
-                contender_runs.append(result)
-    results = [median_measurement(r) for r in runs]
-    rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
-    for row, contender_runs in zip(rows_out, runs, strict=True):
-        row["rounds"] = [
-            {
-                "requests_per_second": r.wrk.requests_per_second,
-                "latency_ms": r.wrk.latency_ms,
-                "server_cpu_us_per_request": round(r.server_cpu_us_per_request, 1),
-            }
-            for r in contender_runs
-        ]
+        runs = measure_rounds(entries, load, unpinned, expected, workdir, args.rounds)
+    rows_out = summarise_rounds(entries, runs)
     report = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),

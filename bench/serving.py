@@ -644,6 +644,62 @@ def pairwise_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def measure_rounds(
+    entries: Sequence[Contender],
+    load: LoadSettings,
+    pinning: Pinning,
+    expected: list[int],
+    workdir: Path,
+    rounds: int,
+) -> list[list[Measurement]]:
+    """Each contender's runs, printed as they finish. Rounds go through every contender in
+    turn, so a change in the machine's other load spreads over all of them instead of skewing
+    one."""
+    runs: list[list[Measurement]] = [[] for _ in entries]
+    for round_number in range(1, rounds + 1):
+        if rounds > 1:
+            print(f"round {round_number} of {rounds}", flush=True)
+        for contender, contender_runs in zip(entries, runs, strict=True):
+            print(f"  {contender.name} ...", end=" ", flush=True)
+            result = measure(contender, load, pinning, expected, workdir)
+            print(
+                f"{result.wrk.requests_per_second:,.0f} req/s, "
+                f"p99 {result.wrk.latency_ms['99']:.2f} ms, "
+                f"server CPU {result.server_cpu_us_per_request:,.0f} µs/request",
+                flush=True,
+            )
+            for error in result.wrk.errors:
+                print(f"    wrk saw {error}: this run is INVALID", flush=True)
+            if result.other_load_share > BUSY_WARNING_SHARE:
+                print(
+                    f"    other processes used {result.other_load_share:.0%} of the CPUs "
+                    "meanwhile: these figures are noisy",
+                    flush=True,
+                )
+            contender_runs.append(result)
+    return runs
+
+
+def summarise_rounds(
+    entries: Sequence[Contender], runs: Sequence[Sequence[Measurement]]
+) -> list[dict[str, Any]]:
+    """One row per contender: its medians over rounds against the first contender's, and
+    each round's own figures."""
+    results = [median_measurement(r) for r in runs]
+    rows = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
+    for row, contender_runs in zip(rows, runs, strict=True):
+        row["rounds"] = [
+            {
+                "requests_per_second": r.wrk.requests_per_second,
+                "latency_ms": r.wrk.latency_ms,
+                "server_cpu_us_per_request": round(r.server_cpu_us_per_request, 1),
+                "other_load_share": round(r.other_load_share, 3),
+            }
+            for r in contender_runs
+        ]
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per contender")
@@ -746,7 +802,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"server CPUs {pinning.server or 'any'}, wrk CPUs {pinning.client or 'any'}",
         flush=True,
     )
-    runs: list[list[Measurement]] = []
     with (
         tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp,
         contextlib.ExitStack() as stack,
@@ -760,42 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 standalone_redis(workdir, pinning.client)
             )
         entries = contenders(rows, workdir / "state", service_env)
-        runs = [[] for _ in entries]
-        # Rounds go through every contender in turn, so a change in the machine's other load
-        # spreads over all of them instead of skewing one.
-        for round_number in range(1, args.rounds + 1):
-            if args.rounds > 1:
-                print(f"round {round_number} of {args.rounds}", flush=True)
-            for contender, contender_runs in zip(entries, runs, strict=True):
-                print(f"  {contender.name} ...", end=" ", flush=True)
-                result = measure(contender, load, pinning, expected, workdir)
-                print(
-                    f"{result.wrk.requests_per_second:,.0f} req/s, "
-                    f"server CPU {result.server_cpu_us_per_request:,.0f} µs/request",
-                    flush=True,
-                )
-                for error in result.wrk.errors:
-                    print(f"    wrk saw {error}: this run is INVALID", flush=True)
-                if result.other_load_share > BUSY_WARNING_SHARE:
-                    print(
-                        f"    other processes used {result.other_load_share:.0%} of the CPUs "
-                        "meanwhile: these figures are noisy",
-                        flush=True,
-                    )
-                contender_runs.append(result)
-    results = [median_measurement(r) for r in runs]
-
-    rows_out = [summarise(c, r, results[0]) for c, r in zip(entries, results, strict=True)]
-    for row, contender_runs in zip(rows_out, runs, strict=True):
-        row["rounds"] = [
-            {
-                "requests_per_second": r.wrk.requests_per_second,
-                "latency_ms": r.wrk.latency_ms,
-                "server_cpu_us_per_request": round(r.server_cpu_us_per_request, 1),
-                "other_load_share": round(r.other_load_share, 3),
-            }
-            for r in contender_runs
-        ]
+        runs = measure_rounds(entries, load, pinning, expected, workdir, args.rounds)
+    rows_out = summarise_rounds(entries, runs)
     report = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
