@@ -28,6 +28,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.processes import process_exists
+
 logger = logging.getLogger("edgeharvest.embedded_redis")
 
 SOCKET_NAME = "redis.sock"
@@ -210,13 +212,7 @@ class EmbeddedRedis:
                 return b"redis-server" in (proc / str(pid) / "cmdline").read_bytes()
             except OSError:
                 return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_exists(pid)
 
     def _client(self) -> redis.Redis:
         # No retries: redis-py's default would spend seconds probing a socket nobody serves.

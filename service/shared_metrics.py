@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import values as metric_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from service.processes import process_exists
+
 DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # Files of the gauges that count only live processes: `gauge_live<mode>_<pid>.db`.
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
@@ -56,7 +58,7 @@ def forget_dead_processes(directory: str) -> list[int]:
         if match is None:
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and not _running(pid):
+        if pid != os.getpid() and not process_exists(pid):
             mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
             dead.append(pid)
     return sorted(set(dead))
@@ -65,13 +67,3 @@ def forget_dead_processes(directory: str) -> list[int]:
 def process_stopping(directory: str) -> None:
     """This process's live gauges stop counting: it no longer buffers or serves anything."""
     mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
