@@ -16,6 +16,25 @@ from service.batch_histogram import BatchHistogram
 from tests.support import REPO_ROOT
 
 BUCKETS = (0.1, 0.5, 1.0)
+# Every series of a histogram with BUCKETS: name suffix and labels beside `model`.
+SERIES = [
+    ("_bucket", {"le": "0.1"}),
+    ("_bucket", {"le": "0.5"}),
+    ("_bucket", {"le": "1.0"}),
+    ("_bucket", {"le": "+Inf"}),
+    ("_count", {}),
+    ("_sum", {}),
+]
+
+
+def assert_same_series(
+    expected: tuple[CollectorRegistry, str], got: tuple[CollectorRegistry, str]
+) -> None:
+    """The histogram `got` (registry, name) has every series of `expected`, value for value."""
+    for suffix, labels in SERIES:
+        want = expected[0].get_sample_value(f"{expected[1]}{suffix}", {"model": "m", **labels})
+        have = got[0].get_sample_value(f"{got[1]}{suffix}", {"model": "m", **labels})
+        assert have == want, (suffix, labels)
 
 
 def test_same_series_as_a_plain_histogram() -> None:
@@ -28,17 +47,7 @@ def test_same_series_as_a_plain_histogram() -> None:
     batch.labels("m").observe_many(np.tile(values, 3))  # the vectorised path
     for value in np.tile(values[np.isfinite(values)], 4):
         plain.labels("m").observe(float(value))
-    for suffix, labels in [
-        ("_bucket", {"le": "0.1"}),
-        ("_bucket", {"le": "0.5"}),
-        ("_bucket", {"le": "1.0"}),
-        ("_bucket", {"le": "+Inf"}),
-        ("_count", {}),
-        ("_sum", {}),
-    ]:
-        expected = plain_registry.get_sample_value(f"h{suffix}", {"model": "m", **labels})
-        got = batch_registry.get_sample_value(f"h{suffix}", {"model": "m", **labels})
-        assert got == expected, (suffix, labels)
+    assert_same_series((plain_registry, "h"), (batch_registry, "h"))
     assert batch_registry.get_sample_value("h_bucket", {"model": "m", "le": "0.1"}) == 8
     assert b'h_bucket{le="+Inf",model="m"} 28.0' in generate_latest(batch_registry)
 
@@ -73,16 +82,6 @@ def test_processes_merge_like_plain_histograms(tmp_path: Path) -> None:
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    for suffix, labels in [
-        ("_bucket", {"le": "0.1"}),
-        ("_bucket", {"le": "0.5"}),
-        ("_bucket", {"le": "1.0"}),
-        ("_bucket", {"le": "+Inf"}),
-        ("_count", {}),
-        ("_sum", {}),
-    ]:
-        expected = registry.get_sample_value(f"plain{suffix}", {"model": "m", **labels})
-        got = registry.get_sample_value(f"batch{suffix}", {"model": "m", **labels})
-        assert got == expected, (suffix, labels)
+    assert_same_series((registry, "plain"), (registry, "batch"))
     assert registry.get_sample_value("batch_count", {"model": "m"}) == 17
     assert registry.get_sample_value("batch_bucket", {"model": "m", "le": "0.5"}) == 8
