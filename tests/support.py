@@ -104,3 +104,21 @@ def wait_for_consumer_group(
         assert process.poll() is None, f"the worker exited with {process.returncode}"
         assert time.monotonic() < deadline, f"no consumer group {group} on {stream} after 60 s"
         time.sleep(0.05)
+
+
+def start_worker(command: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`edgeharvest <command>` (select, drift) as a subprocess, its stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", command],
+        env=env,
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_worker(process: subprocess.Popen[str]) -> str:
+    """SIGTERM a worker started by `start_worker`, wait for it, and return its stderr."""
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    return err

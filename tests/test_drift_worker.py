@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +28,14 @@ from service.events import decode_entry
 from service.model_repository import ModelRepository
 from service.redis_keys import event_stream
 from service.settings import Settings
-from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly, wait_for_consumer_group
+from tests.support import (
+    MODELS_DIR,
+    REPO_ROOT,
+    kill_repeatedly,
+    start_worker,
+    stop_worker,
+    wait_for_consumer_group,
+)
 
 STREAM = event_stream("digits", "1")
 X, Y = load_digits(return_X_y=True)
@@ -221,16 +227,9 @@ def test_drift_worker_stops_on_sigterm_and_skips_models_without_reference(
         "EDGEHARVEST_MODEL_DIR": str(MODELS_DIR),
         "EDGEHARVEST_DRIFT_BLOCK_MS": "100",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "drift"],
-        env=env,
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_worker("drift", env)
     wait_for_consumer_group(client, STREAM, GROUP, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    err = stop_worker(process)
     assert process.returncode == 0, err
     assert "drift worker processed 0 stream entries" in err
     bad = subprocess.run(

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,14 @@ from service.selection_policy import SelectionConfig, WindowBudget
 from service.selector_worker import GROUP, ModelStream, SelectorWorker, selection_config
 from service.settings import Settings
 from service.worker_metrics import WorkerMetrics
-from tests.support import MODELS_DIR, REPO_ROOT, kill_repeatedly, wait_for_consumer_group
+from tests.support import (
+    MODELS_DIR,
+    REPO_ROOT,
+    kill_repeatedly,
+    start_worker,
+    stop_worker,
+    wait_for_consumer_group,
+)
 
 DIGITS = load_digits()
 STREAM = event_stream("digits", "1")
@@ -178,16 +184,9 @@ def test_worker_stops_on_sigterm(redis_url: str, client: redis.Redis) -> None:
         "EDGEHARVEST_MODEL_DIR": str(MODELS_DIR),
         "EDGEHARVEST_SELECTOR_BLOCK_MS": "100",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "select"],
-        env=env,
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_worker("select", env)
     wait_for_consumer_group(client, STREAM, GROUP, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    err = stop_worker(process)
     assert process.returncode == 0, err
     assert "selector processed 0 stream entries" in err
 
@@ -222,13 +221,7 @@ def test_a_version_added_after_start_is_watched_without_a_restart(
         "EDGEHARVEST_SELECTOR_BLOCK_MS": "100",
         "EDGEHARVEST_WORKER_DISCOVER_SECONDS": "0.2",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "select"],
-        env=env,
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_worker("select", env)
     try:
         wait_for_consumer_group(client, STREAM, GROUP, process)
         version_2 = repository / "digits" / "2"
@@ -253,8 +246,7 @@ def test_a_version_added_after_start_is_watched_without_a_restart(
             assert time.monotonic() < deadline, f"version 2: {group_state(client, stream_2)}"
             time.sleep(0.1)
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
+        err = stop_worker(process)
     assert process.returncode == 0, err
 
 
