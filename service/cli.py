@@ -369,11 +369,6 @@ def select(
     from service.worker_metrics import WorkerMetrics
 
     settings = _settings(model_dir)
-    try:
-        ModelRepository.find_manifests(settings.model_dir)
-        config = selection_config(settings.selection)
-    except (EdgeharvestError, ValueError) as exc:
-        _fail(getattr(exc, "message", str(exc)))
 
     def model_streams(known: Container[tuple[str, str]]) -> list[ModelStream]:
         return [
@@ -382,11 +377,16 @@ def select(
             if (m.name, m.version) not in known
         ]
 
+    try:
+        streams = model_streams(())
+        config = selection_config(settings.selection)
+    except (EdgeharvestError, ValueError) as exc:
+        _fail(getattr(exc, "message", str(exc)))
     registry = _worker_registry(settings)
     client, embedded = _worker_redis(settings, settings.selector_block_ms)
     worker = SelectorWorker(
         client,
-        model_streams(()),
+        streams,
         consumer=_consumer_name(consumer),
         config=config,
         budget=WindowBudget(settings.selector_budget_per_window, settings.selector_window_seconds),
