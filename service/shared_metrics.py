@@ -52,16 +52,13 @@ def scrape_registry(own: CollectorRegistry) -> CollectorRegistry:
 def forget_dead_processes(directory: str) -> list[int]:
     """Drop the live-gauge files of processes that no longer run (a worker that was killed
     never cleans up after itself); return their pids. Counters and histograms are kept."""
-    dead = []
-    for path in Path(directory).glob("gauge_live*.db"):
-        match = _LIVE_GAUGE_FILE.fullmatch(path.name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and not process_exists(pid):
-            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-            dead.append(pid)
-    return sorted(set(dead))
+    # One file per live mode and process: gauge_livesum_<pid>.db, gauge_livemax_<pid>.db, ...
+    matches = (_LIVE_GAUGE_FILE.fullmatch(p.name) for p in Path(directory).glob("gauge_live*"))
+    pids = {int(match.group(1)) for match in matches if match is not None}
+    dead = sorted(pid for pid in pids if pid != os.getpid() and not process_exists(pid))
+    for pid in dead:
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return dead
 
 
 def process_stopping(directory: str) -> None:
