@@ -46,14 +46,21 @@ class HistogramChild:
                         self.counts[bisect_left(self._bound_list, value)] += 1
                         self.total += value
             return
+        self._observe_vectorised(values)
+
+    def _observe_vectorised(self, values: np.ndarray) -> None:
         finite = values[np.isfinite(values)]
         if not len(finite):
             return
         slots = np.searchsorted(self._bounds, finite, side="left")
         counts = np.bincount(slots, minlength=len(self.counts))
         with self._lock:
-            self.counts += counts
-            self.total += float(finite.sum())
+            self._add(counts, float(finite.sum()))
+
+    def _add(self, counts: np.ndarray, total: float) -> None:
+        """Add per-bucket counts and their sum; the caller holds the lock."""
+        self.counts += counts
+        self.total += total
 
 
 class SharedHistogramChild(HistogramChild):
@@ -88,18 +95,14 @@ class SharedHistogramChild(HistogramChild):
         )
 
     def observe_many(self, values: np.ndarray) -> None:
-        finite = values[np.isfinite(values)]
-        if not len(finite):
-            return
-        slots = np.searchsorted(self._bounds, finite, side="left")
-        counts = np.bincount(slots, minlength=len(self.counts))
-        total = float(finite.sum())
-        with self._lock:
-            self.counts += counts
-            self.total += total
-            for index in np.flatnonzero(counts).tolist():
-                self._shared_buckets[index].inc(int(counts[index]))
-            self._shared_sum.inc(total)
+        # Always by bucket counts: the files take one update per bucket, not one per value.
+        self._observe_vectorised(values)
+
+    def _add(self, counts: np.ndarray, total: float) -> None:
+        super()._add(counts, total)
+        for index in np.flatnonzero(counts).tolist():
+            self._shared_buckets[index].inc(int(counts[index]))
+        self._shared_sum.inc(total)
 
 
 class BatchHistogram(Collector):
