@@ -52,10 +52,14 @@ class PredictionMonitor:
     def scorer(self, model: OnnxClassifier) -> PredictionScorer | None:
         return self.scorers.get((model.name, model.version))
 
-    def _store_input(self, batch: np.ndarray) -> bool:
+    def _stored_inputs(self, batch: np.ndarray, requests: int) -> list[bool]:
+        """Whether each request's inputs go into its events: sampled per request, as when each
+        is served alone."""
         if batch[0].nbytes > self.max_input_bytes:
-            return False
-        return self.input_sample_rate >= 1.0 or self._rng.random() < self.input_sample_rate
+            return [False] * requests
+        if self.input_sample_rate >= 1.0:
+            return [True] * requests
+        return [self._rng.random() < self.input_sample_rate for _ in range(requests)]
 
     def observe(
         self,
@@ -89,8 +93,7 @@ class PredictionMonitor:
                 scored=scored,
                 embeddings=embeddings,
                 timestamp=time.time(),
-                # Sampled per request, as when each is served alone.
-                store_inputs=[self._store_input(batch) for _ in spans],
+                store_inputs=self._stored_inputs(batch, len(spans)),
             )
             self.events.append(event_stream(model.name, model.version), entry, len(batch))
         model_metrics.scoring_duration.observe(time.perf_counter() - start)

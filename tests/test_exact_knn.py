@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.exact_knn import ExactKthDistance
+from service.exact_knn import ExactKthDistance, principal_basis
 from service.neighbour_index import l2_normalize
 
 
@@ -83,3 +83,57 @@ def test_bad_arguments_are_refused() -> None:
         search.kth_distance(np.zeros((1, 3), np.float32), 0)
     with pytest.raises(ValueError, match="reference must be a non-empty 2-D array"):
         ExactKthDistance(np.zeros((0, 3), np.float32))
+
+
+@pytest.fixture(scope="module")
+def low_rank() -> tuple[np.ndarray, np.ndarray]:
+    """Like a trained network's embeddings: clusters in a few directions, a little noise in
+    the rest, so the search works in a projection."""
+    rng = np.random.default_rng(5)
+    directions = rng.normal(size=(6, 48))
+    centres = rng.normal(size=(10, 6)) * 3.0
+    labels = rng.integers(0, 10, size=1200)
+    points = (centres[labels] + rng.normal(scale=0.5, size=(1200, 6))) @ directions
+    reference = l2_normalize(points + rng.normal(scale=0.05, size=points.shape))
+    near = reference[:30] + rng.normal(scale=1e-4, size=(30, 48))
+    # Off the reference's subspace: the bounds are loose there, and the result still exact.
+    novel = rng.normal(size=(30, 48))
+    queries = np.vstack([l2_normalize(near), reference[30:50], l2_normalize(novel)])
+    return reference, queries.astype(np.float32)
+
+
+def test_a_low_rank_reference_is_searched_in_its_principal_subspace(
+    low_rank: tuple[np.ndarray, np.ndarray],
+) -> None:
+    reference, _ = low_rank
+    search = ExactKthDistance(reference)
+    assert search.projected_dim < search.dim // 2
+    basis = principal_basis(reference)
+    assert basis is not None
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
+
+
+def test_isotropic_or_constant_references_are_searched_in_full(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    reference, _ = data
+    assert principal_basis(reference) is None
+    assert ExactKthDistance(reference).projected_dim == 64
+    assert principal_basis(np.ones((5, 8), dtype=np.float32)) is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_projected_search_is_exact_and_batch_invariant(
+    low_rank: tuple[np.ndarray, np.ndarray], k: int
+) -> None:
+    reference, queries = low_rank
+    search = ExactKthDistance(reference)
+    whole = search.kth_distance(queries, k)
+    np.testing.assert_array_equal(whole, direct_kth(queries, reference, k))
+    alone = np.concatenate(
+        [search.kth_distance(queries[i : i + 1], k) for i in range(len(queries))]
+    )
+    np.testing.assert_array_equal(whole, alone)
+    for size in (3, 16):
+        parts = [search.kth_distance(queries[i : i + size], k) for i in range(0, 80, size)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
