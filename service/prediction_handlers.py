@@ -61,7 +61,10 @@ async def handle_infer(
     parameters = None
     if result.scored is not None:
         scored = result.scored
-        tensors = {**tensors, **scored.tensors()}
+        if parsed.outputs is not None and any(o.name not in tensors for o in parsed.outputs):
+            # Score outputs asked for by name; slicing them for every request would cost more
+            # than the rest of the response.
+            tensors = {**tensors, **scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
         # one JSON string, and as typed tensors for clients that ask for them by name.
         parameters = {"scores": orjson.dumps(scored.rows()).decode()}
