@@ -77,21 +77,35 @@ def encode_predict_response(
     scored: ScoredBatch | None,
     return_probabilities: bool,
 ) -> bytes:
-    probabilities = prediction.probabilities
-    indices = probabilities.argmax(axis=1)
-    top = probabilities[np.arange(len(indices)), indices]
     names = model.class_names
-    rows: list[dict[str, Any]] = [
-        {"class_index": i, "class_name": names[i], "probability": p}
-        for i, p in zip(indices.tolist(), top.tolist(), strict=True)
-    ]
-    if return_probabilities:
-        for row, probs in zip(rows, probabilities.tolist(), strict=True):
-            row["probabilities"] = probs
-    if scored is not None:
-        for row, details in zip(rows, scored.rows(), strict=True):
-            row["scores"] = details["scores"]
+    probabilities = prediction.probabilities.tolist() if return_probabilities else None
+    rows: list[dict[str, Any]]
+    if scored is None:
+        indices = prediction.probabilities.argmax(axis=1)
+        top = prediction.probabilities[np.arange(len(indices)), indices]
+        rows = [
+            {"class_index": i, "class_name": names[i], "probability": p}
+            for i, p in zip(indices.tolist(), top.tolist(), strict=True)
+        ]
+        if probabilities is not None:
+            for row, probs in zip(rows, probabilities, strict=True):
+                row["probabilities"] = probs
+    else:
+        # The scored rows already hold the predicted class and its probability (the max
+        # probability score): no array work per request.
+        rows = []
+        for i, details in enumerate(scored.rows()):
+            scores = details["scores"]
+            row = {
+                "class_index": details["predicted"],
+                "class_name": names[details["predicted"]],
+                "probability": scores["max_probability"],
+            }
+            if probabilities is not None:
+                row["probabilities"] = probabilities[i]
+            row["scores"] = scores
             row["percentiles"] = details["percentiles"]
             row["flags"] = details["flags"]
+            rows.append(row)
     document = {"model_name": model.name, "model_version": model.version, "predictions": rows}
     return orjson.dumps(document)
