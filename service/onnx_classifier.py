@@ -9,8 +9,9 @@ need two rewrites, both done at load time so no model has to be re-exported:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -67,22 +68,77 @@ class OutputSpec:
     shape: list[int]
 
 
-@dataclass
+_UNREAD = object()
+
+
 class Prediction:
-    probabilities: np.ndarray  # [batch, classes] float32
-    embedding: np.ndarray | None  # [batch, dim] float32
-    logits: np.ndarray | None
-    # Every served output by name, as the OIP endpoint returns them.
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    """A batch's model outputs: probabilities [batch, classes] float32, the embedding [batch,
+    dim] float32 (or None), the logits (or None), and every served output by name, as the OIP
+    endpoint returns them.
+
+    `slice` gives one request's rows of a gathered batch as a view that slices each output only
+    when it is read: a `/v1` response with scores reads none of them.
+    """
+
+    __slots__ = ("_embedding", "_logits", "_part", "_probabilities", "_tensors")
+
+    def __init__(
+        self,
+        probabilities: np.ndarray,
+        embedding: np.ndarray | None,
+        logits: np.ndarray | None,
+        tensors: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self._probabilities: Any = probabilities
+        self._embedding: Any = embedding
+        self._logits: Any = logits
+        self._tensors: Any = {} if tensors is None else tensors
+        self._part: tuple[Prediction, slice] | None = None
+
+    def _rows_of(self, name: str) -> Any:
+        assert self._part is not None
+        whole, rows = self._part
+        value = getattr(whole, name)
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {key: tensor[rows] for key, tensor in value.items()}
+        return value[rows]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        if self._probabilities is _UNREAD:
+            self._probabilities = self._rows_of("probabilities")
+        result: np.ndarray = self._probabilities
+        return result
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        if self._embedding is _UNREAD:
+            self._embedding = self._rows_of("embedding")
+        result: np.ndarray | None = self._embedding
+        return result
+
+    @property
+    def logits(self) -> np.ndarray | None:
+        if self._logits is _UNREAD:
+            self._logits = self._rows_of("logits")
+        result: np.ndarray | None = self._logits
+        return result
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._tensors is _UNREAD:
+            self._tensors = self._rows_of("tensors")
+        result: dict[str, np.ndarray] = self._tensors
+        return result
 
     def slice(self, start: int, stop: int) -> Prediction:
         """Instances [start, stop) as views; every tensor must have the batch first."""
-        return Prediction(
-            self.probabilities[start:stop],
-            None if self.embedding is None else self.embedding[start:stop],
-            None if self.logits is None else self.logits[start:stop],
-            {name: tensor[start:stop] for name, tensor in self.tensors.items()},
-        )
+        part = Prediction.__new__(Prediction)
+        part._probabilities = part._embedding = part._logits = part._tensors = _UNREAD
+        part._part = (self, slice(start, stop))
+        return part
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
