@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint format bench bench-batching bench-processes models clean
+.PHONY: run test install lint format bench bench-monitoring bench-batching bench-processes models clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -36,6 +36,10 @@ format: $(STAMP)
 # Benchmarks need wrk (Debian: apt-get install -y wrk).
 bench: $(STAMP)
 	$(BIN)/python bench/serving.py
+
+# Monitoring on against off, the two servers side by side in alternating short bursts.
+bench-monitoring: $(STAMP)
+	$(BIN)/python bench/monitoring_cost.py
 
 # Adaptive batching on the compute-heavy wide-mlp model (built into var/bench-models on first use).
 bench-batching: $(STAMP)
