@@ -98,7 +98,8 @@ def encode_batch_entry(
             "input_dtype": _dtype_name(batch.dtype),
             "input_shape": list(batch.shape[1:]),
             "requests": requests,
-            "rows": scored.rows(),
+            # Serialised once per batch; the OIP responses reuse the same bytes.
+            "rows": orjson.Fragment(scored.rows_json().array()),
         }
     )
     fields: EventFields = {

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import orjson
-
 from service.dataplane import DataPlane
 from service.errors import MalformedRequest
 from service.events import new_event_id
@@ -67,5 +65,5 @@ async def handle_infer(
             tensors = {**tensors, **scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
         # one JSON string, and as typed tensors for clients that ask for them by name.
-        parameters = {"scores": orjson.dumps(scored.rows()).decode()}
+        parameters = {"scores": scored.rows_json().array().decode()}
     return encode_infer_response(model, parsed, tensors, parameters)

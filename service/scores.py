@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from scipy.special import entr
 
 # Scores where a high value signals trouble; for the others (max probability, margin) a low
@@ -118,7 +119,16 @@ class ScoredBatch:
     when they are read: a /v1 response reads just the rows, already built for the events.
     """
 
-    __slots__ = ("_low", "_novel", "_parent", "_percentiles", "_predicted", "_rows", "_scores")
+    __slots__ = (
+        "_low",
+        "_novel",
+        "_parent",
+        "_percentiles",
+        "_predicted",
+        "_rows",
+        "_rows_json",
+        "_scores",
+    )
 
     def __init__(
         self,
@@ -135,6 +145,7 @@ class ScoredBatch:
         self._novel: np.ndarray | None = novel  # bool
         self._parent: tuple[ScoredBatch, int, int] | None = None
         self._rows: list[dict[str, Any]] | None = None
+        self._rows_json: RowsJson | None = None
 
     def _part(self) -> tuple[ScoredBatch, slice]:
         assert self._parent is not None
@@ -217,6 +228,18 @@ class ScoredBatch:
         self._rows = rows
         return rows
 
+    def rows_json(self) -> RowsJson:
+        """`rows()` as JSON, from one serialisation of the whole batch (cached): the event
+        entry embeds the array as it is, and each request's slice of it goes into its OIP
+        response without serialising its rows again."""
+        if self._rows_json is None:
+            if self._parent is not None:
+                parent, rows_slice = self._part()
+                self._rows_json = parent.rows_json().part(rows_slice)
+            else:
+                self._rows_json = RowsJson.of(self.rows())
+        return self._rows_json
+
     def row(self, i: int) -> dict[str, Any]:
         """One instance as plain Python values."""
         return self.rows()[i]
@@ -227,7 +250,46 @@ class ScoredBatch:
         part._predicted = part._scores = part._percentiles = part._low = part._novel = None
         part._parent = (self, start, stop)
         part._rows = None
+        part._rows_json = None
         return part
+
+
+class RowsJson:
+    """JSON objects of rows as `ScoredBatch.rows` builds them, one bytes object per row."""
+
+    __slots__ = ("_array", "objects")
+
+    # Every row object starts with this: rows hold numbers and booleans under fixed keys, so
+    # it occurs nowhere else in a serialised array of rows.
+    _ROW_START = b'{"predicted":'
+
+    def __init__(self, objects: list[bytes], array: bytes | None = None) -> None:
+        self.objects = objects
+        self._array = array
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]]) -> RowsJson:
+        """Serialise the rows once and cut the array at each row's start."""
+        array = orjson.dumps(rows)
+        starts = []
+        at = array.find(cls._ROW_START)
+        while at != -1:
+            starts.append(at)
+            at = array.find(cls._ROW_START, at + 1)
+        if len(starts) != len(rows):
+            return cls([orjson.dumps(row) for row in rows])
+        # Each object ends one byte before the next starts (a comma), the last before the "]".
+        ends = [*(start - 1 for start in starts[1:]), len(array) - 1]
+        return cls([array[a:b] for a, b in zip(starts, ends, strict=True)], array)
+
+    def part(self, rows: slice) -> RowsJson:
+        return RowsJson(self.objects[rows])
+
+    def array(self) -> bytes:
+        """The rows as one JSON array."""
+        if self._array is None:
+            self._array = b"[" + b",".join(self.objects) + b"]"
+        return self._array
 
 
 def score_output_names(has_logits: bool, has_reference: bool) -> list[str]:

@@ -4,8 +4,9 @@ the rows the whole batch already built, shared rather than rebuilt."""
 from __future__ import annotations
 
 import numpy as np
+import orjson
 
-from service.scores import ScoredBatch
+from service.scores import RowsJson, ScoredBatch
 
 
 def gathered() -> ScoredBatch:
@@ -43,3 +44,23 @@ def test_slices_share_the_rows_the_batch_built() -> None:
     part = whole.slice(3, 5)
     assert part.rows()[0] is rows[3]
     assert part.row(1) is rows[4]
+
+
+def test_rows_json_cuts_one_serialisation_into_exactly_each_rows_json() -> None:
+    whole = gathered()
+    rows_json = whole.rows_json()
+    assert rows_json.objects == [orjson.dumps(row) for row in whole.rows()]
+    assert rows_json.array() == orjson.dumps(whole.rows())
+    part = whole.slice(1, 4).rows_json()
+    assert part.objects == rows_json.objects[1:4]
+    assert part.array() == orjson.dumps(whole.rows()[1:4])
+    assert whole.slice(4, 5).rows_json().array() == orjson.dumps(whole.rows()[4:5])
+
+
+def test_rows_json_serialises_row_by_row_when_it_cannot_cut() -> None:
+    # Rows that do not start with the predicted class (never built by ScoredBatch) are still
+    # serialised correctly, one at a time.
+    rows = [{"other": 1, "predicted": 2}, {"other": 3, "predicted": 4}]
+    rows_json = RowsJson.of(rows)
+    assert rows_json.objects == [orjson.dumps(row) for row in rows]
+    assert rows_json.array() == orjson.dumps(rows)
