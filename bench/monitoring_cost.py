@@ -22,12 +22,10 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,22 +41,18 @@ if str(REPO) not in sys.path:
 from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     REPO_ROOT,
     WARM_UP_SECONDS,
-    WRK_SCRIPT,
-    Contender,
     LoadSettings,
     Pinning,
+    RunningContender,
     WrkResult,
     busy_cpu_share,
-    check_answer,
     contenders,
     expected_classes,
-    free_port,
     machine_info,
     run_wrk,
+    running,
     standalone_redis,
-    stop,
     tree_cpu_seconds,
-    wait_until_ready,
 )
 
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_cost.json"
@@ -69,14 +63,6 @@ PAIRS = (
 )
 
 
-@dataclass
-class RunningServer:
-    contender: Contender
-    url: str
-    script: Path
-    process: subprocess.Popen[bytes]
-
-
 @dataclass(frozen=True)
 class Burst:
     requests_per_second: float
@@ -84,39 +70,11 @@ class Burst:
     server_cpu_us_per_request: float
 
 
-@contextlib.contextmanager
-def running(
-    contender: Contender, pinning: Pinning, expected: list[int], workdir: Path, index: int
-) -> Iterator[RunningServer]:
-    body = workdir / f"body-{index}.json"
-    body.write_bytes(contender.body)
-    script = workdir / f"post-{index}.lua"
-    script.write_text(WRK_SCRIPT.format(body_path=json.dumps(str(body))))
-    log = workdir / f"server-{index}.log"
-    port = free_port()
-    command = [*Pinning.prefix(pinning.server), *(a.format(port=port) for a in contender.command)]
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, **contender.env},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_ready(base + contender.ready_path, process, log)
-        check_answer(contender, base + contender.path, expected)
-        yield RunningServer(contender, base + contender.path, script, process)
-    finally:
-        stop(process)
-
-
-def burst(server: RunningServer, load: LoadSettings, pinning: Pinning) -> Burst:
+def burst(server: RunningContender, name: str, load: LoadSettings, pinning: Pinning) -> Burst:
     before = tree_cpu_seconds(server.process.pid)
     result: WrkResult = run_wrk(server.url, server.script, load, load.duration, pinning)
     if result.errors:
-        raise RuntimeError(f"{server.contender.name}: wrk saw {', '.join(result.errors)}")
+        raise RuntimeError(f"{name}: wrk saw {', '.join(result.errors)}")
     seconds = tree_cpu_seconds(server.process.pid) - before
     return Burst(
         result.requests_per_second,
@@ -197,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # One endpoint's two servers at a time; both stop before the next endpoint's start.
             servers = contextlib.ExitStack()
             on_server, off_server = (
-                servers.enter_context(running(by_name[name], pinning, expected, workdir, i))
-                for i, name in enumerate((on_name, off_name))
+                servers.enter_context(running(by_name[name], pinning, expected, workdir))
+                for name in (on_name, off_name)
             )
             warm = LoadSettings(WARM_UP_SECONDS, args.connections, args.threads)
             for server in (on_server, off_server):
@@ -206,9 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_bursts: list[Burst] = []
             off_bursts: list[Burst] = []
             for pair in range(args.bursts):
-                order = [(on_server, on_bursts), (off_server, off_bursts)]
-                for server, bursts in order if pair % 2 == 0 else reversed(order):
-                    bursts.append(burst(server, load, pinning))
+                order = [(on_server, on_name, on_bursts), (off_server, off_name, off_bursts)]
+                for server, name, bursts in order if pair % 2 == 0 else reversed(order):
+                    bursts.append(burst(server, name, load, pinning))
                 print(
                     f"  {on_name}: pair {pair + 1}: on {on_bursts[-1].requests_per_second:,.0f}"
                     f" req/s, off {off_bursts[-1].requests_per_second:,.0f} req/s",

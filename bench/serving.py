@@ -437,13 +437,21 @@ class Measurement:
     other_load_share: float
 
 
-def measure(
-    contender: Contender,
-    load: LoadSettings,
-    pinning: Pinning,
-    expected: list[int],
-    workdir: Path,
-) -> Measurement:
+@dataclass(frozen=True)
+class RunningContender:
+    """A contender's server, ready and answering correctly, and the wrk script for its body."""
+
+    url: str
+    script: Path
+    process: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def running(
+    contender: Contender, pinning: Pinning, expected: list[int], workdir: Path
+) -> Iterator[RunningContender]:
+    """Start the contender's server on a free port, wait until it is ready and answers its
+    request correctly; stop it (and what it started) on exit."""
     slug = re.sub(r"[^a-z0-9]+", "-", contender.name.lower()).strip("-")
     body_path = workdir / f"{slug}.json"
     body_path.write_bytes(contender.body)
@@ -468,17 +476,28 @@ def measure(
         wait_until_ready(base_url + contender.ready_path, process, log)
         url = base_url + contender.path
         check_answer(contender, url, expected)
-        run_wrk(url, script, load, WARM_UP_SECONDS, pinning)
+        yield RunningContender(url, script, process)
+    finally:
+        stop(process)
+
+
+def measure(
+    contender: Contender,
+    load: LoadSettings,
+    pinning: Pinning,
+    expected: list[int],
+    workdir: Path,
+) -> Measurement:
+    with running(contender, pinning, expected, workdir) as server:
+        run_wrk(server.url, server.script, load, WARM_UP_SECONDS, pinning)
         # Ours: this script's process tree (the server, a separate Redis) plus wrk once reaped.
         machine_before = _cpu_times()
         ours_before = tree_cpu_seconds(os.getpid()) + children_cpu_seconds()
-        server_before = tree_cpu_seconds(process.pid)
-        result = run_wrk(url, script, load, load.duration, pinning)
-        server_seconds = tree_cpu_seconds(process.pid) - server_before
+        server_before = tree_cpu_seconds(server.process.pid)
+        result = run_wrk(server.url, server.script, load, load.duration, pinning)
+        server_seconds = tree_cpu_seconds(server.process.pid) - server_before
         ours = tree_cpu_seconds(os.getpid()) + children_cpu_seconds() - ours_before
         machine_after = _cpu_times()
-    finally:
-        stop(process)
     clock_ticks = os.sysconf("SC_CLK_TCK")
     total = (machine_after[1] - machine_before[1]) / clock_ticks
     busy = total - (machine_after[0] - machine_before[0]) / clock_ticks
