@@ -95,42 +95,38 @@ class Prediction:
         self._tensors: Any = {} if tensors is None else tensors
         self._part: tuple[Prediction, slice] | None = None
 
-    def _rows_of(self, name: str) -> Any:
-        assert self._part is not None
-        whole, rows = self._part
-        value = getattr(whole, name)
-        if value is None:
-            return None
-        if isinstance(value, dict):
-            return {key: tensor[rows] for key, tensor in value.items()}
-        return value[rows]
+    def _read(self, name: str) -> Any:
+        """The output `name`; in a slice, its rows, cut when first read."""
+        value = getattr(self, "_" + name)
+        if value is _UNREAD:
+            assert self._part is not None
+            whole, rows = self._part
+            value = getattr(whole, name)
+            if isinstance(value, dict):
+                value = {key: tensor[rows] for key, tensor in value.items()}
+            elif value is not None:
+                value = value[rows]
+            setattr(self, "_" + name, value)
+        return value
 
     @property
     def probabilities(self) -> np.ndarray:
-        if self._probabilities is _UNREAD:
-            self._probabilities = self._rows_of("probabilities")
-        result: np.ndarray = self._probabilities
+        result: np.ndarray = self._read("probabilities")
         return result
 
     @property
     def embedding(self) -> np.ndarray | None:
-        if self._embedding is _UNREAD:
-            self._embedding = self._rows_of("embedding")
-        result: np.ndarray | None = self._embedding
+        result: np.ndarray | None = self._read("embedding")
         return result
 
     @property
     def logits(self) -> np.ndarray | None:
-        if self._logits is _UNREAD:
-            self._logits = self._rows_of("logits")
-        result: np.ndarray | None = self._logits
+        result: np.ndarray | None = self._read("logits")
         return result
 
     @property
     def tensors(self) -> dict[str, np.ndarray]:
-        if self._tensors is _UNREAD:
-            self._tensors = self._rows_of("tensors")
-        result: dict[str, np.ndarray] = self._tensors
+        result: dict[str, np.ndarray] = self._read("tensors")
         return result
 
     def slice(self, start: int, stop: int) -> Prediction:

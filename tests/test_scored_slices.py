@@ -1,11 +1,12 @@
-"""One request's share of a gathered batch's scores: the same values as slicing eagerly, and
-the rows the whole batch already built, shared rather than rebuilt."""
+"""One request's share of a gathered batch's outputs and scores: the same values as slicing
+eagerly, and the rows the whole batch already built, shared rather than rebuilt."""
 
 from __future__ import annotations
 
 import numpy as np
 import orjson
 
+from service.onnx_classifier import Prediction
 from service.scores import RowsJson, ScoredBatch
 
 
@@ -64,3 +65,17 @@ def test_rows_json_serialises_row_by_row_when_it_cannot_cut() -> None:
     rows_json = RowsJson.of(rows)
     assert rows_json.objects == [orjson.dumps(row) for row in rows]
     assert rows_json.array() == orjson.dumps(rows)
+
+
+def test_a_prediction_slice_reads_exactly_its_rows_of_every_output() -> None:
+    probabilities = np.arange(12, dtype=np.float32).reshape(4, 3)
+    embedding = np.arange(8, dtype=np.float32).reshape(4, 2)
+    whole = Prediction(probabilities, embedding, None, {"probabilities": probabilities})
+    part = whole.slice(1, 3)
+    np.testing.assert_array_equal(part.probabilities, probabilities[1:3])
+    assert part.embedding is not None
+    np.testing.assert_array_equal(part.embedding, embedding[1:3])
+    assert part.logits is None
+    assert list(part.tensors) == ["probabilities"]
+    np.testing.assert_array_equal(part.tensors["probabilities"], probabilities[1:3])
+    np.testing.assert_array_equal(part.slice(1, 2).probabilities, probabilities[2:3])
