@@ -20,6 +20,25 @@ def direct_kth(queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray
     return np.asarray(result, dtype=np.float32)
 
 
+def assert_exact_in_any_batch(
+    reference: np.ndarray, queries: np.ndarray, k: int, sizes: tuple[int, ...]
+) -> None:
+    """The same distances for the whole batch, each row alone and batches of `sizes`, and
+    equal to the direct computation."""
+    search = ExactKthDistance(reference)
+    whole = search.kth_distance(queries, k)
+    np.testing.assert_array_equal(whole, direct_kth(queries, reference, k))
+    alone = np.concatenate(
+        [search.kth_distance(queries[i : i + 1], k) for i in range(len(queries))]
+    )
+    np.testing.assert_array_equal(whole, alone)
+    for size in sizes:
+        parts = [
+            search.kth_distance(queries[i : i + size], k) for i in range(0, len(queries), size)
+        ]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(3)
@@ -38,16 +57,7 @@ def test_every_row_gets_the_same_distance_in_any_batch(
     data: tuple[np.ndarray, np.ndarray], k: int
 ) -> None:
     reference, queries = data
-    search = ExactKthDistance(reference)
-    whole = search.kth_distance(queries, k)
-    alone = np.concatenate(
-        [search.kth_distance(queries[i : i + 1], k) for i in range(len(queries))]
-    )
-    np.testing.assert_array_equal(whole, alone)
-    for size in (2, 7, 32):
-        parts = [search.kth_distance(queries[i : i + size], k) for i in range(0, 100, size)]
-        np.testing.assert_array_equal(np.concatenate(parts), whole)
-    np.testing.assert_array_equal(whole, direct_kth(queries, reference, k))
+    assert_exact_in_any_batch(reference, queries, k, sizes=(2, 7, 32))
 
 
 def test_exact_duplicates_are_at_distance_zero(data: tuple[np.ndarray, np.ndarray]) -> None:
@@ -127,13 +137,4 @@ def test_projected_search_is_exact_and_batch_invariant(
     low_rank: tuple[np.ndarray, np.ndarray], k: int
 ) -> None:
     reference, queries = low_rank
-    search = ExactKthDistance(reference)
-    whole = search.kth_distance(queries, k)
-    np.testing.assert_array_equal(whole, direct_kth(queries, reference, k))
-    alone = np.concatenate(
-        [search.kth_distance(queries[i : i + 1], k) for i in range(len(queries))]
-    )
-    np.testing.assert_array_equal(whole, alone)
-    for size in (3, 16):
-        parts = [search.kth_distance(queries[i : i + size], k) for i in range(0, 80, size)]
-        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert_exact_in_any_batch(reference, queries, k, sizes=(3, 16))
