@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import orjson
+
 from service.dataplane import DataPlane
 from service.errors import MalformedRequest
 from service.events import new_event_id
@@ -64,6 +66,7 @@ async def handle_infer(
             # than the rest of the response.
             tensors = {**tensors, **scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
-        # one JSON string, and as typed tensors for clients that ask for them by name.
-        parameters = {"scores": scored.rows_json().array().decode()}
+        # one JSON string, and as typed tensors for clients that ask for them by name. The
+        # string is the batch's serialised rows, escaped once per batch.
+        parameters = {"scores": orjson.Fragment(scored.rows_json().string())}
     return encode_infer_response(model, parsed, tensors, parameters)

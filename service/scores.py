@@ -257,15 +257,22 @@ class ScoredBatch:
 class RowsJson:
     """JSON objects of rows as `ScoredBatch.rows` builds them, one bytes object per row."""
 
-    __slots__ = ("_array", "objects")
+    __slots__ = ("_array", "_escaped", "_parent", "objects")
 
     # Every row object starts with this: rows hold numbers and booleans under fixed keys, so
     # it occurs nowhere else in a serialised array of rows.
     _ROW_START = b'{"predicted":'
 
-    def __init__(self, objects: list[bytes], array: bytes | None = None) -> None:
+    def __init__(
+        self,
+        objects: list[bytes],
+        array: bytes | None = None,
+        parent: tuple[RowsJson, slice] | None = None,
+    ) -> None:
         self.objects = objects
         self._array = array
+        self._parent = parent
+        self._escaped: list[bytes] | None = None
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]]) -> RowsJson:
@@ -283,13 +290,31 @@ class RowsJson:
         return cls([array[a:b] for a, b in zip(starts, ends, strict=True)], array)
 
     def part(self, rows: slice) -> RowsJson:
-        return RowsJson(self.objects[rows])
+        return RowsJson(self.objects[rows], parent=(self, rows))
 
     def array(self) -> bytes:
         """The rows as one JSON array."""
         if self._array is None:
             self._array = b"[" + b",".join(self.objects) + b"]"
         return self._array
+
+    def string(self) -> bytes:
+        """The array as a JSON string literal, quotes included: `orjson.dumps` of the array
+        decoded, ready to embed with `orjson.Fragment`. Each row is escaped once per batch,
+        not once per request that carries it."""
+        if self._parent is not None:
+            parent, rows = self._parent
+            escaped = parent._escaped_objects()[rows]
+        else:
+            escaped = self._escaped_objects()
+        return b'"[' + b",".join(escaped) + b']"'
+
+    def _escaped_objects(self) -> list[bytes]:
+        # orjson writes control characters escaped (as a backslash and a letter), so escaping
+        # backslashes, then quotes, is all a JSON string of JSON needs.
+        if self._escaped is None:
+            self._escaped = [o.replace(b"\\", b"\\\\").replace(b'"', b'\\"') for o in self.objects]
+        return self._escaped
 
 
 def score_output_names(has_logits: bool, has_reference: bool) -> list[str]:

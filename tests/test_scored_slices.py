@@ -67,6 +67,27 @@ def test_rows_json_serialises_row_by_row_when_it_cannot_cut() -> None:
     assert rows_json.array() == orjson.dumps(rows)
 
 
+def test_rows_json_as_a_json_string_is_what_serialising_the_decoded_array_gives() -> None:
+    whole = gathered()
+    assert whole.rows_json().string() == orjson.dumps(orjson.dumps(whole.rows()).decode())
+    for start, stop in ((1, 4), (4, 5), (0, 5)):
+        part = whole.slice(start, stop).rows_json()
+        assert part.string() == orjson.dumps(part.array().decode())
+    # Embedded as a fragment, it reads back as the rows.
+    document = orjson.dumps({"scores": orjson.Fragment(whole.slice(2, 3).rows_json().string())})
+    assert orjson.loads(orjson.loads(document)["scores"]) == orjson.loads(
+        orjson.dumps(whole.rows()[2:3])
+    )
+
+
+def test_rows_json_string_escapes_backslashes_and_quotes_of_any_row() -> None:
+    # ScoredBatch rows hold no strings; rows that did would still be escaped correctly.
+    rows = [{"predicted": 1, "note": 'a "quoted" \\ back\nslash'}, {"predicted": 2, "note": "é"}]
+    rows_json = RowsJson.of(rows)
+    assert rows_json.string() == orjson.dumps(rows_json.array().decode())
+    assert rows_json.part(slice(1, 2)).string() == orjson.dumps(orjson.dumps(rows[1:]).decode())
+
+
 def test_a_prediction_slice_reads_exactly_its_rows_of_every_output() -> None:
     probabilities = np.arange(12, dtype=np.float32).reshape(4, 3)
     embedding = np.arange(8, dtype=np.float32).reshape(4, 2)
