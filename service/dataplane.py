@@ -9,7 +9,6 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +32,36 @@ logger = logging.getLogger("edgeharvest")
 SERVER_NAME = "edgeharvest"
 
 
-@dataclass
 class MonitoredPrediction:
-    prediction: Prediction
-    # None when monitoring is off.
-    scored: ScoredBatch | None
+    """One request's share of a batch: its rows of the model's outputs and, when monitoring is
+    on, of the batch's scores. The scores are sliced only if read: an OIP response takes its
+    rows' JSON straight from the batch's (`scores_json_string`)."""
+
+    __slots__ = ("_batch_scored", "_rows", "_scored", "prediction")
+
+    def __init__(
+        self, prediction: Prediction, batch_scored: ScoredBatch | None, rows: slice | None = None
+    ) -> None:
+        self.prediction = prediction
+        self._batch_scored = batch_scored
+        # None: the request is the whole batch.
+        self._rows = rows
+        self._scored: ScoredBatch | None = None
+
+    @property
+    def scored(self) -> ScoredBatch | None:
+        """This request's scores; None when monitoring is off."""
+        if self._rows is None or self._batch_scored is None:
+            return self._batch_scored
+        if self._scored is None:
+            self._scored = self._batch_scored.slice(self._rows.start, self._rows.stop)
+        return self._scored
+
+    def scores_json_string(self) -> bytes | None:
+        """This request's scored rows as a JSON string literal (see `RowsJson.string`)."""
+        if self._batch_scored is None:
+            return None
+        return self._batch_scored.rows_json().string(self._rows)
 
 
 def batching_policy(model: OnnxClassifier, settings: Settings) -> BatchingPolicy | None:
@@ -287,8 +311,7 @@ class DataPlane:
             return [MonitoredPrediction(prediction, scored)]
         return [
             MonitoredPrediction(
-                prediction.slice(span.start, span.stop),
-                None if scored is None else scored.slice(span.start, span.stop),
+                prediction.slice(span.start, span.stop), scored, slice(span.start, span.stop)
             )
             for span in spans
         ]

@@ -59,14 +59,15 @@ async def handle_infer(
     result = await dataplane.predict(model, parsed.batch, request_id)
     tensors = result.prediction.tensors
     parameters = None
-    if result.scored is not None:
-        scored = result.scored
+    scores = result.scores_json_string()
+    if scores is not None:
         if parsed.outputs is not None and any(o.name not in tensors for o in parsed.outputs):
             # Score outputs asked for by name; slicing them for every request would cost more
             # than the rest of the response.
-            tensors = {**tensors, **scored.tensors()}
+            assert result.scored is not None
+            tensors = {**tensors, **result.scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
         # one JSON string, and as typed tensors for clients that ask for them by name. The
         # string is the batch's serialised rows, escaped once per batch.
-        parameters = {"scores": orjson.Fragment(scored.rows_json().string())}
+        parameters = {"scores": orjson.Fragment(scores)}
     return encode_infer_response(model, parsed, tensors, parameters)

@@ -298,11 +298,13 @@ class RowsJson:
             self._array = b"[" + b",".join(self.objects) + b"]"
         return self._array
 
-    def string(self) -> bytes:
-        """The array as a JSON string literal, quotes included: `orjson.dumps` of the array
-        decoded, ready to embed with `orjson.Fragment`. Each row is escaped once per batch,
-        not once per request that carries it."""
-        if self._parent is not None:
+    def string(self, rows: slice | None = None) -> bytes:
+        """The array (or its `rows`) as a JSON string literal, quotes included: `orjson.dumps`
+        of the array decoded, ready to embed with `orjson.Fragment`. Each row is escaped once
+        per batch, not once per request that carries it."""
+        if rows is not None:
+            escaped = self._escaped_objects()[rows]
+        elif self._parent is not None:
             parent, rows = self._parent
             escaped = parent._escaped_objects()[rows]
         else:

@@ -28,10 +28,18 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+def session_events_url(redis_server: RedisServer) -> str:
+    """Database 15 of the session's Redis, for the events of the servers that live through the
+    whole session. Their writers flush in the background, up to a flush interval after their
+    last request: into database 0 that could land after the next test emptied it for itself.
+    No test reads these events."""
+    return redis_server.url.rsplit("/", 1)[0] + "/15"
+
+
 @pytest.fixture(scope="session")
 def digits_client(redis_server: RedisServer) -> Iterator[TestClient]:
     """The app with the committed models, monitoring on, logging events to the test Redis."""
-    app = create_app(Settings(model_dir=MODELS_DIR, redis_url=redis_server.url))
+    app = create_app(Settings(model_dir=MODELS_DIR, redis_url=session_events_url(redis_server)))
     with TestClient(app) as client:
         yield client
 
@@ -39,7 +47,9 @@ def digits_client(redis_server: RedisServer) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def live_server(redis_server: RedisServer) -> Iterator[str]:
     """The real service as `make run` starts it, on a free port, with the test Redis."""
-    process, base_url = start_server(MODELS_DIR, {"EDGEHARVEST_REDIS_URL": redis_server.url})
+    process, base_url = start_server(
+        MODELS_DIR, {"EDGEHARVEST_REDIS_URL": session_events_url(redis_server)}
+    )
     try:
         yield base_url
     finally:

@@ -73,6 +73,11 @@ def test_rows_json_as_a_json_string_is_what_serialising_the_decoded_array_gives(
     for start, stop in ((1, 4), (4, 5), (0, 5)):
         part = whole.slice(start, stop).rows_json()
         assert part.string() == orjson.dumps(part.array().decode())
+    # Or any rows of it, from the batch's escaped rows.
+    for start, stop in ((1, 4), (4, 5)):
+        assert whole.rows_json().string(slice(start, stop)) == orjson.dumps(
+            orjson.dumps(whole.rows()[start:stop]).decode()
+        )
     # Embedded as a fragment, it reads back as the rows.
     document = orjson.dumps({"scores": orjson.Fragment(whole.slice(2, 3).rows_json().string())})
     assert orjson.loads(orjson.loads(document)["scores"]) == orjson.loads(
