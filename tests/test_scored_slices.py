@@ -3,8 +3,11 @@ eagerly, and the rows the whole batch already built, shared rather than rebuilt.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import orjson
+import pytest
 
 from service.onnx_classifier import Prediction
 from service.scores import RowsJson, ScoredBatch
@@ -47,24 +50,61 @@ def test_slices_share_the_rows_the_batch_built() -> None:
     assert part.row(1) is rows[4]
 
 
-def test_rows_json_cuts_one_serialisation_into_exactly_each_rows_json() -> None:
+def rows_built_in_python(scored: ScoredBatch) -> list[dict[str, Any]]:
+    """The rows as plain Python values, built dict by dict from the columns."""
+    scores = {k: v.tolist() for k, v in scored.scores.items()}
+    percentiles = {k: v.tolist() for k, v in scored.percentiles.items()}
+    low, novel = scored.low_confidence.tolist(), scored.novel.tolist()
+    return [
+        {
+            "predicted": predicted,
+            "scores": {k: v[i] for k, v in scores.items()},
+            "percentiles": {k: v[i] for k, v in percentiles.items()},
+            "flags": {"low_confidence": low[i], "novel": novel[i]},
+        }
+        for i, predicted in enumerate(scored.predicted.tolist())
+    ]
+
+
+def test_rows_json_is_exactly_what_serialising_the_rows_gives() -> None:
     whole = gathered()
+    expected = rows_built_in_python(whole)
     rows_json = whole.rows_json()
-    assert rows_json.objects == [orjson.dumps(row) for row in whole.rows()]
-    assert rows_json.array() == orjson.dumps(whole.rows())
+    assert rows_json.objects == [orjson.dumps(row) for row in expected]
+    assert rows_json.array() == orjson.dumps(expected)
+    assert whole.rows() == expected
     part = whole.slice(1, 4).rows_json()
     assert part.objects == rows_json.objects[1:4]
-    assert part.array() == orjson.dumps(whole.rows()[1:4])
-    assert whole.slice(4, 5).rows_json().array() == orjson.dumps(whole.rows()[4:5])
+    assert part.array() == orjson.dumps(expected[1:4])
+    assert whole.slice(4, 5).rows_json().array() == orjson.dumps(expected[4:5])
 
 
-def test_rows_json_serialises_row_by_row_when_it_cannot_cut() -> None:
-    # Rows that do not start with the predicted class (never built by ScoredBatch) are still
-    # serialised correctly, one at a time.
-    rows = [{"other": 1, "predicted": 2}, {"other": 3, "predicted": 4}]
-    rows_json = RowsJson.of(rows)
-    assert rows_json.objects == [orjson.dumps(row) for row in rows]
-    assert rows_json.array() == orjson.dumps(rows)
+@pytest.mark.parametrize("with_percentiles", [True, False])
+def test_rows_json_writes_every_number_as_orjson_writes_the_python_float(
+    with_percentiles: bool,
+) -> None:
+    # Values whose text could differ between writers: integral, tiny, huge, signed zero,
+    # float32 rounding, and the non-finite ones (JSON null).
+    values = np.array(
+        [0.0, -0.0, 100.0, 50.0, 1e-7, 3.4e38, 1.0 / 3, np.nan, np.inf, -np.inf, 0.1, 2.5e-45],
+        dtype=np.float32,
+    )
+    n = len(values)
+    scored = ScoredBatch(
+        predicted=np.arange(n) % 3,
+        scores={"max_probability": values, "energy": values[::-1].copy(), "novelty": values},
+        percentiles={"novelty": values[::-1].copy()} if with_percentiles else {},
+        low_confidence=np.arange(n) % 2 == 0,
+        novel=np.arange(n) % 3 == 0,
+    )
+    expected = rows_built_in_python(scored)
+    assert scored.rows_json().objects == [orjson.dumps(row) for row in expected]
+    assert orjson.loads(scored.rows_json().array()) == orjson.loads(orjson.dumps(expected))
+
+
+def test_rows_json_of_a_batch_without_scores() -> None:
+    scored = ScoredBatch(np.array([2, 0]), {}, {}, np.array([True, False]), np.zeros(2, bool))
+    assert scored.rows_json().objects == [orjson.dumps(row) for row in rows_built_in_python(scored)]
 
 
 def test_rows_json_as_a_json_string_is_what_serialising_the_decoded_array_gives() -> None:
@@ -88,7 +128,7 @@ def test_rows_json_as_a_json_string_is_what_serialising_the_decoded_array_gives(
 def test_rows_json_string_escapes_backslashes_and_quotes_of_any_row() -> None:
     # ScoredBatch rows hold no strings; rows that did would still be escaped correctly.
     rows = [{"predicted": 1, "note": 'a "quoted" \\ back\nslash'}, {"predicted": 2, "note": "é"}]
-    rows_json = RowsJson.of(rows)
+    rows_json = RowsJson([orjson.dumps(row) for row in rows])
     assert rows_json.string() == orjson.dumps(rows_json.array().decode())
     assert rows_json.part(slice(1, 2)).string() == orjson.dumps(orjson.dumps(rows[1:]).decode())
 
