@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint format bench bench-monitoring bench-batching bench-processes models clean
+.PHONY: run test install lint format bench bench-monitoring bench-instructions bench-batching bench-processes models clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # Monitoring on against off, the two servers side by side in alternating short bursts.
 bench-monitoring: $(STAMP)
 	$(BIN)/python bench/monitoring_cost.py
+
+# Monitoring on against off in instructions per request, counted by callgrind (needs valgrind).
+bench-instructions: $(STAMP)
+	$(BIN)/python bench/monitoring_instructions.py
 
 # Adaptive batching on the compute-heavy wide-mlp model (built into var/bench-models on first use).
 bench-batching: $(STAMP)
