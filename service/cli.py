@@ -516,21 +516,30 @@ def run(
     pointed at them. In production run `serve`, `select` and `drift` as separate deployments.
     """
     import os
+    import signal
     import subprocess
 
     from service.embedded_redis import redis_url_or_embedded
     from service.settings import Settings
 
+    def exit_on_sigterm(signum: int, frame: object) -> None:
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for its
+        # default action, which would end this process before the `finally` below stops the
+        # workers and the embedded Redis (they were left running). Raised as an exit, it runs.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     settings = Settings()
     url, embedded = redis_url_or_embedded(settings.redis_url, settings.data_dir)
     # The API (this process) and the worker both use it.
     os.environ["EDGEHARVEST_REDIS_URL"] = url
     env = dict(os.environ)
-    background = [
-        subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env)
-        for command in ("select", "drift")
-    ]
+    background: list[subprocess.Popen[bytes]] = []
     try:
+        for command in ("select", "drift"):
+            background.append(
+                subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env)
+            )
         serve(host=host, port=port, model_dir=None, workers=workers)
     finally:
         for worker in background:
