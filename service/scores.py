@@ -288,21 +288,15 @@ class ScoredBatch:
 class RowsJson:
     """JSON objects of rows as `ScoredBatch.rows_json` builds them, one bytes object per row."""
 
-    __slots__ = ("_array", "_escaped", "_parent", "objects")
+    __slots__ = ("_array", "_escaped", "objects")
 
-    def __init__(
-        self,
-        objects: list[bytes],
-        array: bytes | None = None,
-        parent: tuple[RowsJson, slice] | None = None,
-    ) -> None:
+    def __init__(self, objects: list[bytes]) -> None:
         self.objects = objects
-        self._array = array
-        self._parent = parent
+        self._array: bytes | None = None
         self._escaped: list[bytes] | None = None
 
     def part(self, rows: slice) -> RowsJson:
-        return RowsJson(self.objects[rows], parent=(self, rows))
+        return RowsJson(self.objects[rows])
 
     def array(self) -> bytes:
         """The rows as one JSON array."""
@@ -312,15 +306,11 @@ class RowsJson:
 
     def string(self, rows: slice | None = None) -> bytes:
         """The array (or its `rows`) as a JSON string literal, quotes included: `orjson.dumps`
-        of the array decoded, ready to embed with `orjson.Fragment`. Each row is escaped once
-        per batch, not once per request that carries it."""
+        of the array decoded, ready to embed with `orjson.Fragment`. Each row is escaped once,
+        however many requests' strings take it."""
+        escaped = self._escaped_objects()
         if rows is not None:
-            escaped = self._escaped_objects()[rows]
-        elif self._parent is not None:
-            parent, rows = self._parent
-            escaped = parent._escaped_objects()[rows]
-        else:
-            escaped = self._escaped_objects()
+            escaped = escaped[rows]
         return b'"[' + b",".join(escaped) + b']"'
 
     def _escaped_objects(self) -> list[bytes]:
