@@ -71,9 +71,6 @@ class ExactKthDistance:
         self._reference = rows
         self._basis = principal_basis(rows)
         projected = rows if self._basis is None else rows @ self._basis
-        # [-2 r', |r'|^2] per projected reference r', transposed: one product with [q', 1]
-        # gives |r'|^2 - 2 q'.r', the projected squared distance minus |q'|^2 (the same for
-        # every reference of a query), without two more passes over the block.
         # -2 r' per projected reference, transposed, and |r'|^2: q' times the first, plus the
         # second, is |r'|^2 - 2 q'.r', the projected squared distance less |q'|^2 (the same
         # for every reference of a query).
