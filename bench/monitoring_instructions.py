@@ -40,12 +40,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Run as a script from anywhere: bench.serving is imported from the repository root.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.serving import REPO_ROOT, machine_info, standalone_redis  # noqa: E402
+from bench.serving import (  # noqa: E402
+    REPO_ROOT,
+    machine_info,
+    request_bodies,
+    standalone_redis,
+)
 
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_instructions.json"
 MODEL_DIR = REPO_ROOT / "models"
@@ -57,13 +64,11 @@ ENDPOINTS = {
 
 
 def request_body(path: str) -> bytes:
+    """The body `bench/serving.py` sends to `path`: the first digit, one instance."""
     from sklearn.datasets import load_digits
 
-    instances = load_digits().data[:1].tolist()
-    if path.startswith("/v1/"):
-        return json.dumps({"instances": instances}).encode()
-    tensor = {"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": instances}
-    return json.dumps({"inputs": [tensor]}).encode()
+    predict_body, infer_body = request_bodies(load_digits().data[:1].astype(np.float32))
+    return predict_body if path.startswith("/v1/") else infer_body
 
 
 async def serve_requests(app: Any, path: str, body: bytes, count: int) -> None:

@@ -122,13 +122,8 @@ def _classes_from_oip(document: Any) -> list[int]:
     return [int(c) for c in probabilities.argmax(axis=1)]
 
 
-def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -> list[Contender]:
-    """The baseline first: every ratio is against it.
-
-    Each edgeharvest process keeps its state (the embedded Redis) in its own folder under
-    `state_dir`, so no run sees another's events and the repository's var/ is left alone.
-    `service_env` is added to every edgeharvest contender's environment.
-    """
+def request_bodies(rows: np.ndarray) -> tuple[bytes, bytes]:
+    """The same digits `rows` as a `/v1` predict body and as an OIP infer body (JSON data)."""
     instances = rows.tolist()
     predict_body = json.dumps({"instances": instances}).encode()
     infer_body = json.dumps(
@@ -138,6 +133,17 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             ]
         }
     ).encode()
+    return predict_body, infer_body
+
+
+def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -> list[Contender]:
+    """The baseline first: every ratio is against it.
+
+    Each edgeharvest process keeps its state (the embedded Redis) in its own folder under
+    `state_dir`, so no run sees another's events and the repository's var/ is left alone.
+    `service_env` is added to every edgeharvest contender's environment.
+    """
+    predict_body, infer_body = request_bodies(rows)
     python = sys.executable
     service = (python, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "{port}")
 
