@@ -32,6 +32,7 @@ from service.model_repository import ModelRepository
 from service.monitoring import PredictionMonitor
 from service.neighbour_index import build_neighbour_index
 from service.onnx_classifier import SessionConfig
+from service.opentelemetry_setup import fastapi_telemetry
 from service.prediction_scorer import PredictionScorer
 from service.queue_metrics import LabelQueueCollector
 from service.redis_connection import create_async_redis, create_redis
@@ -169,6 +170,7 @@ def create_app(
         version=__version__,
         description="Serves ONNX classifiers over the Open Inference Protocol and watches them.",
         lifespan=lifespan,
+        telemetry=fastapi_telemetry(),
     )
     app.state.settings = settings
     app.state.dataplane = dataplane
