@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, oip_datatype_of
+from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, all_finite, oip_datatype_of
 from service.errors import InvalidInput, MalformedRequest
 from service.onnx_classifier import OnnxClassifier
 
@@ -172,7 +172,7 @@ def _parse_input(
                 f"input '{name}' carries {array.size} values; shape {shape} needs {count}"
             )
     array = array.reshape(shape)
-    if datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
+    if datatype in FLOAT_DATATYPES and not all_finite(array):
         bad = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
         raise InvalidInput(
             f"input '{name}' holds NaN, infinity or a number outside the {datatype} range "

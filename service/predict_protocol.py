@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY
+from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, all_finite
 from service.errors import InvalidInput
 from service.inference_protocol import parse_json_document
 from service.onnx_classifier import OnnxClassifier, Prediction
@@ -62,7 +62,7 @@ def parse_predict_request(
             f"each instance has shape {list(batch.shape[1:])}; model '{model.name}' expects "
             f"instances of shape {instance_shape} (-1 = any)"
         )
-    if spec.datatype in FLOAT_DATATYPES and not np.isfinite(batch).all():
+    if spec.datatype in FLOAT_DATATYPES and not all_finite(batch):
         row = int(np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))[0])
         raise InvalidInput(
             f"instance {row} holds NaN, infinity or a number outside the {spec.datatype} range; "
