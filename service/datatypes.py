@@ -53,10 +53,24 @@ def oip_datatype_of(array: np.ndarray) -> str:
     return NUMPY_TO_OIP[array.dtype]
 
 
-# `all_finite` lets the sum of squares overflow on purpose; numpy would warn each time it does.
-warnings.filterwarnings(
-    "ignore", message="overflow encountered in dot", category=RuntimeWarning, module=__name__
-)
+# Overflows this module lets happen on purpose; numpy would warn each time. Filters, not
+# `np.errstate`: a filter costs nothing until a warning is raised, errstate costs about as much
+# on every request as the conversion it guards.
+for _operation in ("dot", "cast"):
+    warnings.filterwarnings(
+        "ignore",
+        message=f"overflow encountered in {_operation}",
+        category=RuntimeWarning,
+        module=__name__,
+    )
+
+
+def request_array(data: object, dtype: np.dtype[np.generic]) -> np.ndarray:
+    """`np.asarray(data, dtype)` of a request's (nested) list of numbers, where a number beyond
+    the dtype's range becomes infinity without a warning: `all_finite` refuses it afterwards,
+    with the message for NaN and infinity. Raises what `np.asarray` raises for data that are
+    not numbers or not rectangular."""
+    return np.asarray(data, dtype=dtype)
 
 
 def all_finite(array: np.ndarray) -> bool:

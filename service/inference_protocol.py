@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, all_finite, oip_datatype_of
+from service.datatypes import (
+    FLOAT_DATATYPES,
+    OIP_TO_NUMPY,
+    all_finite,
+    oip_datatype_of,
+    request_array,
+)
 from service.errors import InvalidInput, MalformedRequest
 from service.onnx_classifier import OnnxClassifier
 
@@ -159,9 +165,8 @@ def _parse_input(
                 "expected the tensor values in 'data' (flat or nested)"
             )
         try:
-            # Overflow to infinity is reported below with the index; numpy need not warn too.
-            with np.errstate(over="ignore"):
-                array = np.asarray(tensor["data"], dtype=dtype)
+            # Overflow to infinity is reported below with the index.
+            array = request_array(tensor["data"], dtype)
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidInput(
                 f"input '{name}' data cannot be read as {datatype} ({exc}); expected "

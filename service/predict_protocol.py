@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, all_finite
+from service.datatypes import FLOAT_DATATYPES, OIP_TO_NUMPY, all_finite, request_array
 from service.errors import InvalidInput
 from service.inference_protocol import parse_json_document
 from service.onnx_classifier import OnnxClassifier, Prediction
@@ -43,8 +43,7 @@ def parse_predict_request(
         raise InvalidInput("'return_probabilities' must be true or false")
     dtype = OIP_TO_NUMPY[spec.datatype]
     try:
-        with np.errstate(over="ignore"):
-            batch = np.asarray(instances, dtype=dtype)
+        batch = request_array(instances, dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(
             f"'instances' cannot be read as {spec.datatype} ({exc}); expected every instance to "

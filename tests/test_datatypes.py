@@ -1,4 +1,4 @@
-"""`all_finite`: the input check of both prediction protocols."""
+"""`request_array` and `all_finite`: how both prediction protocols read and check inputs."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from service.datatypes import all_finite
+from service.datatypes import all_finite, request_array
 from tests.support import REPO_ROOT
-
-# The checks below overflow the sum of squares on purpose; the test that matters for the
-# service's logs, that no warning escapes, runs under Python's own filters in a child.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in dot:RuntimeWarning")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -41,10 +37,22 @@ def test_opposite_infinities_fail() -> None:
     assert not all_finite(np.array([np.inf, -np.inf], dtype=np.float32))
 
 
-def test_an_overflowing_sum_of_squares_warns_nothing() -> None:
+def test_request_numbers_beyond_the_range_become_infinity() -> None:
+    array = request_array([[1e39, -1e39, 2.5]], np.dtype(np.float32))
+    assert array.dtype == np.float32
+    assert array.tolist() == [[np.inf, -np.inf, 2.5]]
+    assert not all_finite(array)
+    with pytest.raises(ValueError):
+        request_array([[1.0, 2.0], [3.0]], np.dtype(np.float32))
+    with pytest.raises(ValueError):
+        request_array([["one"]], np.dtype(np.float32))
+
+
+def test_the_deliberate_overflows_warn_nothing() -> None:
     script = (
-        "import numpy as np; from service.datatypes import all_finite; "
-        "print(all_finite(np.array([3e38, 1.0], dtype=np.float32)))"
+        "import numpy as np; from service.datatypes import all_finite, request_array; "
+        "print(all_finite(np.array([3e38, 1.0], dtype=np.float32)), "
+        "request_array([1e39], np.dtype(np.float32)).tolist())"
     )
     completed = subprocess.run(
         [sys.executable, "-W", "default", "-c", script],
@@ -53,5 +61,5 @@ def test_an_overflowing_sum_of_squares_warns_nothing() -> None:
         text=True,
         check=True,
     )
-    assert completed.stdout.strip() == "True"
+    assert completed.stdout.strip() == "True [inf]"
     assert completed.stderr == ""
