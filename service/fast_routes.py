@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.dataplane import DataPlane
 from service.errors import EdgeharvestError
-from service.http_body import read_limited_body, send_body
+from service.http_body import receive_limited_body, send_body
 from service.prediction_handlers import handle_infer, handle_predict
 from service.request_metrics import model_labels
 
@@ -36,16 +35,6 @@ _ENDPOINTS = {
     (False, False): "/v1/models/{name}/predict",
     (False, True): "/v1/models/{name}/versions/{version}/predict",
 }
-
-
-async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
 
 
 class FastPredictionRoutes:
@@ -67,9 +56,7 @@ class FastPredictionRoutes:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         dataplane = self.dataplane
         try:
-            body = await read_limited_body(
-                _chunks(receive), headers, dataplane.settings.max_body_bytes
-            )
+            body = await receive_limited_body(receive, headers, dataplane.settings.max_body_bytes)
             handler = handle_infer if oip else handle_predict
             content, response_headers = await handler(dataplane, name, version, body, headers)
             status = 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 
-from starlette.types import Send
+from starlette.types import Message, Receive, Send
 
 from service.errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -17,10 +17,8 @@ def _too_large(size: str, limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_limited_body(
-    chunks: AsyncIterator[bytes], headers: Mapping[str, str], limit: int
-) -> bytes:
-    """The whole body; 413 as soon as it is known to exceed `limit`, 415 if compressed.
+def check_body_headers(headers: Mapping[str, str], limit: int) -> None:
+    """415 if the body is compressed, 413 if its declared length exceeds `limit`.
 
     `headers` maps lower-case names to values.
     """
@@ -32,6 +30,16 @@ async def read_limited_body(
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(declared, limit)
+
+
+async def read_limited_body(
+    chunks: AsyncIterator[bytes], headers: Mapping[str, str], limit: int
+) -> bytes:
+    """The whole body; 413 as soon as it is known to exceed `limit`, 415 if compressed.
+
+    `headers` maps lower-case names to values.
+    """
+    check_body_headers(headers, limit)
     parts = []
     received = 0
     async for chunk in chunks:
@@ -40,6 +48,30 @@ async def read_limited_body(
             raise _too_large(f"more than {limit}", limit)
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def receive_limited_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """`read_limited_body` of an ASGI request. A body that comes in one message (every small
+    request) is taken from it directly: an async generator over the messages costs more than
+    the rest of this."""
+    check_body_headers(headers, limit)
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")
+        if len(body) > limit:
+            raise _too_large(f"more than {limit}", limit)
+        return body
+    return await read_limited_body(_messages(message, receive), headers, limit)
+
+
+async def _messages(first: Message, receive: Receive) -> AsyncIterator[bytes]:
+    """The body chunks of the ASGI request whose first message is `first`."""
+    message = first
+    while message["type"] != "http.disconnect":
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+        message = await receive()
 
 
 async def send_body(
