@@ -56,13 +56,12 @@ def oip_datatype_of(array: np.ndarray) -> str:
 # Overflows this module lets happen on purpose; numpy would warn each time. Filters, not
 # `np.errstate`: a filter costs nothing until a warning is raised, errstate costs about as much
 # on every request as the conversion it guards.
-for _operation in ("dot", "cast"):
-    warnings.filterwarnings(
-        "ignore",
-        message=f"overflow encountered in {_operation}",
-        category=RuntimeWarning,
-        module=__name__,
-    )
+warnings.filterwarnings(
+    "ignore",
+    message="overflow encountered in (cast|dot)",
+    category=RuntimeWarning,
+    module=__name__,
+)
 
 
 def request_array(data: object, dtype: np.dtype[np.generic]) -> np.ndarray:

@@ -17,7 +17,7 @@ def _too_large(size: str, limit: int) -> PayloadTooLarge:
     )
 
 
-def check_body_headers(headers: Mapping[str, str], limit: int) -> None:
+def _check_headers(headers: Mapping[str, str], limit: int) -> None:
     """415 if the body is compressed, 413 if its declared length exceeds `limit`.
 
     `headers` maps lower-case names to values.
@@ -39,7 +39,12 @@ async def read_limited_body(
 
     `headers` maps lower-case names to values.
     """
-    check_body_headers(headers, limit)
+    _check_headers(headers, limit)
+    return await _joined(chunks, limit)
+
+
+async def _joined(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The chunks joined; 413 at the first that takes the total past `limit`."""
     parts = []
     received = 0
     async for chunk in chunks:
@@ -54,14 +59,14 @@ async def receive_limited_body(receive: Receive, headers: Mapping[str, str], lim
     """`read_limited_body` of an ASGI request. A body that comes in one message (every small
     request) is taken from it directly: an async generator over the messages costs more than
     the rest of this."""
-    check_body_headers(headers, limit)
+    _check_headers(headers, limit)
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body: bytes = message.get("body", b"")
         if len(body) > limit:
             raise _too_large(f"more than {limit}", limit)
         return body
-    return await read_limited_body(_messages(message, receive), headers, limit)
+    return await _joined(_messages(message, receive), limit)
 
 
 async def _messages(first: Message, receive: Receive) -> AsyncIterator[bytes]:
