@@ -81,8 +81,14 @@ WorkersOption = Annotated[
     typer.Option(min=1, help="API worker processes sharing the port [EDGEHARVEST_WORKERS]"),
 ]
 # uvicorn's options for every way the API is served. Access logs per request cost more than the
-# tiny models take to run.
-UVICORN_OPTIONS = {"loop": "uvloop", "http": "httptools", "access_log": False}
+# tiny models take to run. The protocol is uvicorn's httptools one, writing each response in one
+# system call (service/http_protocol.py); named by import path, so `edgeharvest --help` does not
+# import uvicorn.
+UVICORN_OPTIONS = {
+    "loop": "uvloop",
+    "http": "service.http_protocol:JoinedWritesHttpToolsProtocol",
+    "access_log": False,
+}
 
 
 @app.command()

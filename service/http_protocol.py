@@ -1,0 +1,115 @@
+"""uvicorn's httptools protocol, sending a response's head and body in one write.
+
+uvicorn writes the status line and headers to the socket as soon as the application sends
+`http.response.start`, and the body in a second write when `http.response.body` follows: two
+system calls, and two TCP segments, per response. For a model server's small JSON answers that
+second write is a large share of the work: the kernel's loopback or network path runs once per
+segment, on the server's CPU.
+
+`JoinedWritesTransport` holds a write back until the next one, which it sends joined to it, or
+until the event loop's current iteration ends, whichever comes first. A response whose body
+follows its head in the same step of its task (every response of this service but the streamed
+exports) leaves in one write, at the moment its body is sent, as before. Nothing waits longer
+than the rest of a loop iteration, and at most one write is held, so a streamed response keeps
+uvicorn's back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class JoinedWritesTransport(asyncio.Transport):
+    """A transport that joins each write to the one after it (see the module's docstring)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._release_scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+            return
+        # Copied if mutable: the caller may reuse its buffer once write returns.
+        self._held = data if isinstance(data, bytes) else bytes(data)
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            self._loop.call_soon(self._release)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _release(self) -> None:
+        """Send what is held (end of the loop iteration, close, or end of file)."""
+        self._release_scheduled = False
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        if not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._release()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self._release()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def get_write_buffer_size(self) -> int:
+        held = 0 if self._held is None else len(self._held)
+        return self._transport.get_write_buffer_size() + held
+
+
+class JoinedWritesHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over a `JoinedWritesTransport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have the methods of asyncio.Transport without subclassing it.
+        joined = JoinedWritesTransport(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(joined)
