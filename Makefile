@@ -39,7 +39,7 @@ bench: $(STAMP)
 
 # Monitoring on against off, the two servers side by side in alternating short bursts.
 bench-monitoring: $(STAMP)
-	$(BIN)/python bench/monitoring_cost.py
+	$(BIN)/python bench/side_by_side.py --compare monitoring
 
 # Monitoring on against off in instructions per request, counted by callgrind (needs valgrind).
 bench-instructions: $(STAMP)

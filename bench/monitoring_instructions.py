@@ -5,7 +5,7 @@
 
 Needs valgrind (Debian: apt-get install -y valgrind).
 
-The wall-clock benchmarks (`bench/serving.py`, `bench/monitoring_cost.py`) answer the question
+The wall-clock benchmarks (`bench/serving.py`, `bench/side_by_side.py`) answer the question
 that matters, but on a shared virtual machine whose CPUs change speed within a minute their
 on/off ratios move by about 0.05 from run to run: more than most single changes to the
 monitoring path are worth. So this script counts instructions instead. callgrind counts them

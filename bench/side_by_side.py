@@ -1,19 +1,24 @@
-"""What monitoring costs, measured with monitoring on and off running side by side.
+"""Two contenders at a time, running side by side: monitoring on against off, this service
+against the plain baseline, or its HTTP protocol against uvicorn's own.
 
-    .venv/bin/python bench/monitoring_cost.py [--bursts 10] [--seconds 3] [--batch 1]
-        [--output bench/results/monitoring_cost.json]
+    .venv/bin/python bench/side_by_side.py [--compare monitoring|baseline|protocol]
+        [--bursts 10] [--seconds 3] [--batch 1] [--output bench/results/side_by_side_<compare>.json]
 
-`bench/serving.py` starts every contender afresh for each 6-10 s run, so an on run and its off
-run are tens of seconds apart. On a shared virtual machine whose CPUs change speed by up to 2x
-within a minute, a ratio of two such runs moves by as much as the effect it measures. Here the
-four servers (`/v1` and OIP, monitoring on and off, the same contenders as `bench/serving.py`)
-start once, all pinned to the server CPU, and wrk drives them in short alternating bursts: on,
-off, then off, on, and so on. Each consecutive on/off pair gives a ratio, and the figures are
-the medians of those ratios, so a slow spell of the machine hits both halves of a pair. The
-server CPU time per request is recorded for every burst too.
+`bench/serving.py` starts every contender afresh for each 6-10 s run, so the runs it compares are
+tens of seconds apart. On a shared virtual machine whose CPUs change speed by up to 2x within a
+minute, a ratio of two such runs moves by as much as the effect it measures. Here both servers
+of a pair start once, pinned to the server CPU, and wrk drives them in short alternating
+bursts: first, second, then second, first, and so on. Each consecutive pair of bursts gives a
+ratio, and the figures are the medians of those ratios, so a slow spell of the machine hits
+both halves of a pair. The server CPU time per request is recorded for every burst too.
 
-Issue 3's targets: monitoring on reaches at least 0.8x the requests/s of monitoring off, with a
-p99 latency of at most 1.3x.
+The comparisons (`--compare`), each over `/v1` predict and OIP infer:
+- `monitoring`: monitoring on against off. Issue 3's targets: on reaches at least 0.8x the
+  requests/s of off, with a p99 latency of at most 1.3x.
+- `baseline`: the service (monitoring on, then off) against the plain FastAPI baseline of
+  `bench/serving.py`. Issue 2's target: at least 2x its requests/s.
+- `protocol`: the service as it serves (`service/http_protocol.py`, a response in one write)
+  against the same service on uvicorn's own httptools protocol (head and body in two writes).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ if str(REPO) not in sys.path:
 from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     REPO_ROOT,
     WARM_UP_SECONDS,
+    Contender,
     LoadSettings,
     Pinning,
     RunningContender,
@@ -55,12 +61,32 @@ from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     tree_cpu_seconds,
 )
 
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_cost.json"
-# (monitoring on, monitoring off): bench/serving.py's contender names.
-PAIRS = (
-    ("edgeharvest /v1 predict", "edgeharvest /v1 predict, monitoring off"),
-    ("edgeharvest OIP infer (JSON)", "edgeharvest OIP infer (JSON), monitoring off"),
-)
+RESULTS = REPO_ROOT / "bench" / "results"
+BASELINE = "baseline (plain FastAPI, pydantic body)"
+V1, OIP = "edgeharvest /v1 predict", "edgeharvest OIP infer (JSON)"
+UVICORN_PROTOCOL = ", uvicorn's protocol"
+# Per comparison, (first, second) contender names; every ratio is first / second.
+COMPARISONS = {
+    "monitoring": ((V1, f"{V1}, monitoring off"), (OIP, f"{OIP}, monitoring off")),
+    "baseline": (
+        (V1, BASELINE),
+        (f"{V1}, monitoring off", BASELINE),
+        (OIP, BASELINE),
+        (f"{OIP}, monitoring off", BASELINE),
+    ),
+    "protocol": ((V1, V1 + UVICORN_PROTOCOL), (OIP, OIP + UVICORN_PROTOCOL)),
+}
+
+
+def with_uvicorn_protocol(contender: Contender) -> Contender:
+    """The same service on uvicorn's own httptools protocol (bench/uvicorn_protocol_serve.py)."""
+    python, _, module, subcommand, *options = contender.command
+    assert (module, subcommand) == ("service.cli", "serve"), contender.command
+    return replace(
+        contender,
+        name=contender.name + UVICORN_PROTOCOL,
+        command=(python, "-m", "bench.uvicorn_protocol_serve", *options),
+    )
 
 
 @dataclass(frozen=True)
@@ -83,9 +109,9 @@ def burst(server: RunningContender, name: str, load: LoadSettings, pinning: Pinn
     )
 
 
-def median_ratios(on: Sequence[Burst], off: Sequence[Burst]) -> dict[str, Any]:
+def median_ratios(first: Sequence[Burst], second: Sequence[Burst]) -> dict[str, Any]:
     def ratios(read: Any) -> list[float]:
-        return [read(a) / read(b) for a, b in zip(on, off, strict=True)]
+        return [read(a) / read(b) for a, b in zip(first, second, strict=True)]
 
     result: dict[str, Any] = {}
     for name, read in (
@@ -105,16 +131,18 @@ def median_ratios(on: Sequence[Burst], off: Sequence[Burst]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bursts", type=int, default=10, help="on/off pairs per endpoint")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="monitoring")
+    parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts per pair")
     parser.add_argument("--seconds", type=int, default=3, help="wrk seconds per burst")
     parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    parser.add_argument("--output", type=Path, help="JSON results file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
     args = parser.parse_args(argv)
     if args.bursts < 1 or args.seconds < 1:
         parser.error("--bursts and --seconds must be at least 1")
+    args.output = args.output or RESULTS / f"side_by_side_{args.compare}.json"
     return args
 
 
@@ -125,10 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = LoadSettings(args.seconds, args.connections, args.threads)
     pinning = Pinning.choose(enabled=not args.no_pin)
     busy = busy_cpu_share()
+    pairs = COMPARISONS[args.compare]
     print(
-        f"{args.bursts} on/off pairs of {args.seconds}s bursts per endpoint; batch {args.batch}, "
-        f"{args.connections} connections; server CPUs {pinning.server or 'any'}, "
-        f"wrk CPUs {pinning.client or 'any'}",
+        f"{args.compare}: {args.bursts} pairs of {args.seconds}s bursts per pair of contenders; "
+        f"batch {args.batch}, {args.connections} connections; "
+        f"server CPUs {pinning.server or 'any'}, wrk CPUs {pinning.client or 'any'}",
         flush=True,
     )
     report: dict[str, Any] = {
@@ -139,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pinning": asdict(pinning),
             "busy_cpu_share_before": round(busy, 3),
         },
-        "endpoints": [],
+        "pairs": [],
     }
     with (
         tempfile.TemporaryDirectory(prefix="edgeharvest-bench-") as tmp,
@@ -147,43 +176,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         workdir = Path(tmp)
         redis_url = stack.enter_context(standalone_redis(workdir, pinning.client))
-        by_name = {
-            c.name: c
-            for c in contenders(rows, workdir / "state", {"EDGEHARVEST_REDIS_URL": redis_url})
-        }
-        for on_name, off_name in PAIRS:
-            # One endpoint's two servers at a time; both stop before the next endpoint's start.
+        served = contenders(rows, workdir / "state", {"EDGEHARVEST_REDIS_URL": redis_url})
+        served += [with_uvicorn_protocol(c) for c in served if c.name in (V1, OIP)]
+        by_name = {c.name: c for c in served}
+        for first_name, second_name in pairs:
+            # One pair's two servers at a time; both stop before the next pair's start.
             servers = contextlib.ExitStack()
-            on_server, off_server = (
+            first_server, second_server = (
                 servers.enter_context(running(by_name[name], pinning, expected, workdir))
-                for name in (on_name, off_name)
+                for name in (first_name, second_name)
             )
             warm = LoadSettings(WARM_UP_SECONDS, args.connections, args.threads)
-            for server in (on_server, off_server):
+            for server in (first_server, second_server):
                 run_wrk(server.url, server.script, warm, WARM_UP_SECONDS, pinning)
-            on_bursts: list[Burst] = []
-            off_bursts: list[Burst] = []
+            first: list[Burst] = []
+            second: list[Burst] = []
             for pair in range(args.bursts):
-                order = [(on_server, on_name, on_bursts), (off_server, off_name, off_bursts)]
+                order = [(first_server, first_name, first), (second_server, second_name, second)]
                 for server, name, bursts in order if pair % 2 == 0 else reversed(order):
                     bursts.append(burst(server, name, load, pinning))
                 print(
-                    f"  {on_name}: pair {pair + 1}: on {on_bursts[-1].requests_per_second:,.0f}"
-                    f" req/s, off {off_bursts[-1].requests_per_second:,.0f} req/s",
+                    f"  {first_name} | {second_name}: pair {pair + 1}: "
+                    f"{first[-1].requests_per_second:,.0f} | "
+                    f"{second[-1].requests_per_second:,.0f} req/s",
                     flush=True,
                 )
-            ratios = median_ratios(on_bursts, off_bursts)
-            report["endpoints"].append(
+            ratios = median_ratios(first, second)
+            report["pairs"].append(
                 {
-                    "on": on_name,
-                    "off": off_name,
+                    "first": first_name,
+                    "second": second_name,
                     "ratios": ratios,
-                    "on_bursts": [asdict(b) for b in on_bursts],
-                    "off_bursts": [asdict(b) for b in off_bursts],
+                    "first_bursts": [asdict(b) for b in first],
+                    "second_bursts": [asdict(b) for b in second],
                 }
             )
             print(
-                f"{on_name}, monitoring on/off: requests/s "
+                f"{first_name} / {second_name}: requests/s "
                 f"{ratios['requests_per_second']['median']:.2f}x "
                 f"({ratios['requests_per_second']['min']:.2f}-"
                 f"{ratios['requests_per_second']['max']:.2f}), p99 {ratios['p99']['median']:.2f}x, "
