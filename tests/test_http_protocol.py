@@ -264,3 +264,22 @@ def test_100_continue_is_sent_before_the_body_is_read(streaming_server: tuple[st
             response += chunk
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"content-length: 5\r\n" in response
+
+
+def test_pipelined_requests_are_answered_in_order(streaming_server: tuple[str, int]) -> None:
+    host, port = streaming_server
+    request = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+    with socket.create_connection((host, port), timeout=30) as connection:
+        # Three requests in one segment: each response's held head must go out with its own
+        # body, in order, and the last response must close the connection.
+        connection.sendall(
+            request % (5, b"first")
+            + request % (6, b"second")
+            + b"POST /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            + b"content-length: 5\r\n\r\nthird"
+        )
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    responses = received.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses] == [b"first", b"second", b"third"]
