@@ -35,13 +35,15 @@ class JoinedWritesTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        # Copied if mutable: the caller may reuse its buffer once write returns.
+        data = data if isinstance(data, bytes) else bytes(data)
         held = self._held
         if held is not None:
             self._held = None
-            self._transport.write(held + data)
+            # One writev(2) of both under uvloop, without copying a large body onto the head.
+            self._transport.writelines((held, data))
             return
-        # Copied if mutable: the caller may reuse its buffer once write returns.
-        self._held = data if isinstance(data, bytes) else bytes(data)
+        self._held = data
         if not self._release_scheduled:
             self._release_scheduled = True
             self._loop.call_soon(self._release)
