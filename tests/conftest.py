@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -45,13 +46,20 @@ def digits_client(redis_server: RedisServer) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="session")
-def live_server(redis_server: RedisServer) -> Iterator[str]:
-    """The real service as `make run` starts it, on a free port, with the test Redis."""
+def live_process(redis_server: RedisServer) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The real service as `make run` starts it, on a free port, with the test Redis: its
+    process and its base URL."""
     process, base_url = start_server(
         MODELS_DIR, {"EDGEHARVEST_REDIS_URL": session_events_url(redis_server)}
     )
     try:
-        yield base_url
+        yield process, base_url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(live_process: tuple[subprocess.Popen[bytes], str]) -> str:
+    """The base URL of `live_process`."""
+    return live_process[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,32 +151,13 @@ def write_syscalls(pid: int) -> int:
     raise AssertionError(f"no syscw in /proc/{pid}/io")
 
 
-def server_pid(base_url: str) -> int:
-    """The pid of the process listening on the server's port."""
-    port = int(base_url.rsplit(":", 1)[1])
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
-            inode = fields[9]
-            break
-    else:
-        raise AssertionError(f"nothing listens on port {port}")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            links = [link.readlink() for link in (entry / "fd").iterdir()]
-        except OSError:
-            continue
-        if Path(f"socket:[{inode}]") in links:
-            return int(entry.name)
-    raise AssertionError(f"no process holds the socket of port {port}")
-
-
-def test_the_server_writes_each_response_in_one_system_call(live_server: str) -> None:
+def test_the_server_writes_each_response_in_one_system_call(
+    live_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, base_url = live_process
     rows = load_digits().data[:1].tolist()
     body = httpx.Request("POST", "/", json={"instances": rows}).read()
-    host, port = live_server.removeprefix("http://").split(":")
+    host, port = base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     headers = {"content-type": "application/json"}
 
@@ -186,12 +168,11 @@ def test_the_server_writes_each_response_in_one_system_call(live_server: str) ->
         assert response.read().startswith(b'{"model_name":"digits"')
 
     predict()  # the connection is open and the server warm
-    pid = server_pid(live_server)
-    before = write_syscalls(pid)
+    before = write_syscalls(process.pid)
     requests = 100
     for _ in range(requests):
         predict()
-    writes = write_syscalls(pid) - before
+    writes = write_syscalls(process.pid) - before
     connection.close()
     # uvicorn's own protocol makes two per response (head, then body). The server's other
     # writes (Redis goes through send(2), which syscw does not count) would only add.
