@@ -1,7 +1,7 @@
 """Serving throughput and latency: edgeharvest's endpoints against a plain FastAPI baseline.
 
     .venv/bin/python bench/serving.py [--duration 10] [--connections 16] [--threads 2]
-        [--batch 1] [--rounds 1] [--output bench/results/serving.json]
+        [--batch 1] [--inputs first|held-out] [--rounds 1] [--output bench/results/serving.json]
         [--service-env NAME=VALUE ...]
 
 Every contender serves the committed digits model and runs in this one invocation, one after
@@ -87,14 +87,28 @@ PACKAGES = (
     "orjson",
 )
 
-# wrk runs this once per thread; the body file is read once, not per request.
+# wrk runs this once per thread; the body files are read once, not per request. With one body
+# wrk sends it as a fixed request; with several, each request takes the next in turn.
 WRK_SCRIPT = """\
-local file = assert(io.open({body_path}, "rb"))
+local bodies = {{}}
+for i, path in ipairs({body_paths}) do
+  local file = assert(io.open(path, "rb"))
+  bodies[i] = file:read("*a")
+  file:close()
+end
 wrk.method = "POST"
-wrk.body = file:read("*a")
+wrk.body = bodies[1]
 wrk.headers["Content-Type"] = "application/json"
-file:close()
+if #bodies > 1 then
+  local turn = 0
+  request = function()
+    turn = turn % #bodies + 1
+    return wrk.format(nil, nil, nil, bodies[turn])
+  end
+end
 """
+# `--inputs held-out` sends this many different requests in turn.
+HELD_OUT_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,8 @@ class Contender:
     body: bytes
     # The predicted class of each instance, read from a response document.
     read_classes: Callable[[Any], list[int]] = field(repr=False)
+    # Further bodies wrk sends in turn with `body` (only `body` is checked before timing).
+    more_bodies: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _classes_from_predictions(document: Any) -> list[int]:
@@ -136,14 +152,45 @@ def request_bodies(rows: np.ndarray) -> tuple[bytes, bytes]:
     return predict_body, infer_body
 
 
-def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -> list[Contender]:
+def input_rows(inputs: str, batch: int) -> list[np.ndarray]:
+    """The instances of each request body wrk sends in turn, `batch` per request.
+
+    `first`: one body, the first `batch` digits of scikit-learn's set. They are training
+    digits, in the reference profile, so each one's nearest reference embedding is itself:
+    the novelty search's cheapest case. `held-out`: HELD_OUT_REQUESTS different bodies of the
+    digits the reference profile holds out (none is among its embeddings), as fresh production
+    inputs would be; most of them have more than one candidate in the exact search.
+    """
+    if inputs == "first":
+        digits = load_digits().data
+        if batch > len(digits):
+            raise ValueError(f"batch {batch} exceeds the {len(digits)} digits")
+        return [digits[:batch].astype(np.float32)]
+    with np.load(MODEL_DIR / "digits" / "reference.npz") as profile:
+        held_out = profile["holdout_inputs"].astype(np.float32)
+    groups = min(HELD_OUT_REQUESTS, len(held_out) // batch)
+    if groups < 1:
+        raise ValueError(f"batch {batch} exceeds the {len(held_out)} held-out digits")
+    return [held_out[i * batch : (i + 1) * batch] for i in range(groups)]
+
+
+def contenders(
+    rows: np.ndarray,
+    state_dir: Path,
+    service_env: dict[str, str],
+    more_rows: Sequence[np.ndarray] = (),
+) -> list[Contender]:
     """The baseline first: every ratio is against it.
 
     Each edgeharvest process keeps its state (the embedded Redis) in its own folder under
     `state_dir`, so no run sees another's events and the repository's var/ is left alone.
-    `service_env` is added to every edgeharvest contender's environment.
+    `service_env` is added to every edgeharvest contender's environment. `more_rows` are the
+    instances of further bodies wrk sends in turn with the one of `rows`.
     """
     predict_body, infer_body = request_bodies(rows)
+    more = [request_bodies(r) for r in more_rows]
+    more_predict = tuple(b for b, _ in more)
+    more_infer = tuple(b for _, b in more)
     python = sys.executable
     service = (python, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "{port}")
 
@@ -165,6 +212,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/predict",
             body=predict_body,
             read_classes=_classes_from_predictions,
+            more_bodies=more_predict,
         ),
         Contender(
             name="edgeharvest /v1 predict",
@@ -174,6 +222,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v1/models/digits/predict",
             body=predict_body,
             read_classes=_classes_from_predictions,
+            more_bodies=more_predict,
         ),
         # Each endpoint without scores and the Redis event log, measured right after it: what
         # monitoring costs, from two runs close in time.
@@ -185,6 +234,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v1/models/digits/predict",
             body=predict_body,
             read_classes=_classes_from_predictions,
+            more_bodies=more_predict,
         ),
         Contender(
             name="edgeharvest OIP infer (JSON)",
@@ -194,6 +244,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v2/models/digits/infer",
             body=infer_body,
             read_classes=_classes_from_oip,
+            more_bodies=more_infer,
         ),
         Contender(
             name="edgeharvest OIP infer (JSON), monitoring off",
@@ -203,6 +254,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v2/models/digits/infer",
             body=infer_body,
             read_classes=_classes_from_oip,
+            more_bodies=more_infer,
         ),
         # The same two endpoints without the adaptive batcher: what gathering requests gains.
         Contender(
@@ -213,6 +265,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v1/models/digits/predict",
             body=predict_body,
             read_classes=_classes_from_predictions,
+            more_bodies=more_predict,
         ),
         Contender(
             name="edgeharvest OIP infer (JSON), batching off",
@@ -222,6 +275,7 @@ def contenders(rows: np.ndarray, state_dir: Path, service_env: dict[str, str]) -
             path="/v2/models/digits/infer",
             body=infer_body,
             read_classes=_classes_from_oip,
+            more_bodies=more_infer,
         ),
     ]
 
@@ -459,11 +513,14 @@ def running(
     """Start the contender's server on a free port, wait until it is ready and answers its
     request correctly; stop it (and what it started) on exit."""
     slug = re.sub(r"[^a-z0-9]+", "-", contender.name.lower()).strip("-")
-    body_path = workdir / f"{slug}.json"
-    body_path.write_bytes(contender.body)
+    body_paths = []
+    for i, body in enumerate((contender.body, *contender.more_bodies)):
+        body_paths.append(workdir / f"{slug}-{i}.json")
+        body_paths[-1].write_bytes(body)
     script = workdir / f"{slug}.lua"
     # json.dumps gives a double-quoted string literal Lua reads the same way.
-    script.write_text(WRK_SCRIPT.format(body_path=json.dumps(str(body_path))))
+    paths = "{" + ", ".join(json.dumps(str(p)) for p in body_paths) + "}"
+    script.write_text(WRK_SCRIPT.format(body_paths=paths))
     log = workdir / f"{slug}.log"
 
     port = free_port()
@@ -746,6 +803,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
     parser.add_argument(
+        "--inputs",
+        choices=("first", "held-out"),
+        default="first",
+        help="first: one body of the first digits (in the reference profile); held-out: "
+        f"{HELD_OUT_REQUESTS} bodies of digits the profile holds out, sent in turn",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1, help="runs per contender, in turn; figures are medians"
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
@@ -820,10 +884,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("error: wrk is not installed; install it with `apt-get install -y wrk`")
-    digits = load_digits()
-    if args.batch > len(digits.data):
-        sys.exit(f"error: --batch {args.batch} exceeds the {len(digits.data)} digits rows")
-    rows = digits.data[: args.batch].astype(np.float32)
+    try:
+        rows, *more_rows = input_rows(args.inputs, args.batch)
+    except ValueError as exc:
+        sys.exit(f"error: --batch {args.batch}: {exc}")
     expected = expected_classes(rows)
     load = LoadSettings(args.duration, args.connections, args.threads)
     pinning = Pinning.choose(enabled=not args.no_pin)
@@ -853,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             service_env["EDGEHARVEST_REDIS_URL"] = stack.enter_context(
                 standalone_redis(workdir, pinning.client)
             )
-        entries = contenders(rows, workdir / "state", service_env)
+        entries = contenders(rows, workdir / "state", service_env, more_rows)
         runs = measure_rounds(entries, load, pinning, expected, workdir, args.rounds)
     rows_out = summarise_rounds(entries, runs)
     report = {
@@ -862,6 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": {
             **asdict(load),
             "batch": args.batch,
+            "inputs": args.inputs,
             "rounds": args.rounds,
             "warm_up_seconds": WARM_UP_SECONDS,
             "pinning": asdict(pinning),

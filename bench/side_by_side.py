@@ -2,7 +2,8 @@
 against the plain baseline, or its HTTP protocol against uvicorn's own.
 
     .venv/bin/python bench/side_by_side.py [--compare monitoring|baseline|protocol]
-        [--bursts 10] [--seconds 3] [--batch 1] [--output bench/results/side_by_side_<compare>.json]
+        [--bursts 10] [--seconds 3] [--batch 1] [--inputs first|held-out]
+        [--output bench/results/side_by_side_<compare>.json]
 
 `bench/serving.py` starts every contender afresh for each 6-10 s run, so the runs it compares are
 tens of seconds apart. On a shared virtual machine whose CPUs change speed by up to 2x within a
@@ -35,9 +36,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sklearn.datasets import load_digits
-
 # Run as a script from anywhere: bench.serving is imported from the repository root.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -54,6 +52,7 @@ from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     busy_cpu_share,
     contenders,
     expected_classes,
+    input_rows,
     machine_info,
     run_wrk,
     running,
@@ -137,6 +136,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
+    parser.add_argument(
+        "--inputs",
+        choices=("first", "held-out"),
+        default="first",
+        help="as bench/serving.py's --inputs: one body of training digits, or bodies of digits "
+        "the reference profile holds out, sent in turn",
+    )
     parser.add_argument("--output", type=Path, help="JSON results file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
     args = parser.parse_args(argv)
@@ -148,7 +154,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = load_digits().data[: args.batch].astype(np.float32)
+    try:
+        rows, *more_rows = input_rows(args.inputs, args.batch)
+    except ValueError as exc:
+        sys.exit(f"error: --batch {args.batch}: {exc}")
     expected = expected_classes(rows)
     load = LoadSettings(args.seconds, args.connections, args.threads)
     pinning = Pinning.choose(enabled=not args.no_pin)
@@ -176,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         workdir = Path(tmp)
         redis_url = stack.enter_context(standalone_redis(workdir, pinning.client))
-        served = contenders(rows, workdir / "state", {"EDGEHARVEST_REDIS_URL": redis_url})
+        served = contenders(
+            rows, workdir / "state", {"EDGEHARVEST_REDIS_URL": redis_url}, more_rows
+        )
         served += [with_uvicorn_protocol(c) for c in served if c.name in (V1, OIP)]
         by_name = {c.name: c for c in served}
         for first_name, second_name in pairs:
