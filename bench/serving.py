@@ -796,9 +796,8 @@ def summarise_rounds(
     return rows
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds of load per contender")
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """What wrk sends and over how many connections; bench/side_by_side.py takes them too."""
     parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
@@ -809,6 +808,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="first: one body of the first digits (in the reference profile); held-out: "
         f"{HELD_OUT_REQUESTS} bodies of digits the profile holds out, sent in turn",
     )
+
+
+def requested_rows(inputs: str, batch: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`input_rows` for the command line: the rows of the body checked before timing, and of
+    the others; exits with a message when `batch` is too large."""
+    try:
+        rows, *more_rows = input_rows(inputs, batch)
+    except ValueError as exc:
+        sys.exit(f"error: --batch {batch}: {exc}")
+    return rows, more_rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per contender")
+    add_request_options(parser)
     parser.add_argument(
         "--rounds", type=int, default=1, help="runs per contender, in turn; figures are medians"
     )
@@ -884,10 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("error: wrk is not installed; install it with `apt-get install -y wrk`")
-    try:
-        rows, *more_rows = input_rows(args.inputs, args.batch)
-    except ValueError as exc:
-        sys.exit(f"error: --batch {args.batch}: {exc}")
+    rows, more_rows = requested_rows(args.inputs, args.batch)
     expected = expected_classes(rows)
     load = LoadSettings(args.duration, args.connections, args.threads)
     pinning = Pinning.choose(enabled=not args.no_pin)

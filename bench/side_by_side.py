@@ -49,11 +49,12 @@ from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     Pinning,
     RunningContender,
     WrkResult,
+    add_request_options,
     busy_cpu_share,
     contenders,
     expected_classes,
-    input_rows,
     machine_info,
+    requested_rows,
     run_wrk,
     running,
     standalone_redis,
@@ -133,16 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="monitoring")
     parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts per pair")
     parser.add_argument("--seconds", type=int, default=3, help="wrk seconds per burst")
-    parser.add_argument("--connections", type=int, default=16, help="open connections (wrk -c)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (wrk -t)")
-    parser.add_argument("--batch", type=int, default=1, help="instances per request")
-    parser.add_argument(
-        "--inputs",
-        choices=("first", "held-out"),
-        default="first",
-        help="as bench/serving.py's --inputs: one body of training digits, or bodies of digits "
-        "the reference profile holds out, sent in turn",
-    )
+    add_request_options(parser)
     parser.add_argument("--output", type=Path, help="JSON results file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
     args = parser.parse_args(argv)
@@ -154,10 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        rows, *more_rows = input_rows(args.inputs, args.batch)
-    except ValueError as exc:
-        sys.exit(f"error: --batch {args.batch}: {exc}")
+    rows, more_rows = requested_rows(args.inputs, args.batch)
     expected = expected_classes(rows)
     load = LoadSettings(args.seconds, args.connections, args.threads)
     pinning = Pinning.choose(enabled=not args.no_pin)
