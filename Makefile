@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint format bench bench-monitoring bench-instructions bench-batching bench-processes models clean
+.PHONY: run test install lint format bench bench-monitoring bench-instructions bench-parts bench-batching bench-processes models clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -44,6 +44,10 @@ bench-monitoring: $(STAMP)
 # Monitoring on against off in instructions per request, counted by callgrind (needs valgrind).
 bench-instructions: $(STAMP)
 	$(BIN)/python bench/monitoring_instructions.py
+
+# What each part of monitoring costs per row in a warm loop, counted by callgrind (needs valgrind).
+bench-parts: $(STAMP)
+	$(BIN)/python bench/monitoring_parts.py
 
 # Adaptive batching on the compute-heavy wide-mlp model (built into var/bench-models on first use).
 bench-batching: $(STAMP)
