@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,10 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.serving import REPO_ROOT, input_rows, machine_info  # noqa: E402
+from bench.serving import MODEL_DIR, REPO_ROOT, input_rows, machine_info  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_parts.json"
-MODEL_DIR = REPO_ROOT / "models"
 ROWS = 16
 ITERATIONS = (10, 60)
 WARM_UP = 50
@@ -58,8 +56,8 @@ STAGES = {
     "knn": "the exact kNN search of the batch's normalised embeddings",
     "scores": "PredictionScorer.score: embeddings, confidence, kNN, percentiles, flags",
     "scores_rows": "scores, then the rows' JSON (ScoredBatch.rows_json)",
-    "scores_entry": "scores, then the event entry (encode_batch_entry, rows' JSON included)",
-    "observe": "PredictionMonitor.observe: scores, the batch's metrics, entry, buffer",
+    "scores_metrics": "PredictionMonitor.observe without an event log: scores, batch metrics",
+    "observe": "PredictionMonitor.observe: scores, the batch's metrics, event entry, buffer",
     "observe_v1": "observe, then the 16 /v1 response bodies",
     "v1_off": "the 16 /v1 response bodies without monitoring",
     "observe_oip": "observe, then the 16 OIP scores parameters (JSON strings)",
@@ -70,8 +68,8 @@ PARTS = {
     "exact kNN": ("knn", None),
     "scores (kNN included)": ("scores", None),
     "rows' JSON": ("scores_rows", "scores"),
-    "event entry (rows' JSON included)": ("scores_entry", "scores"),
-    "metrics and buffer append": ("observe", "scores_entry"),
+    "batch metrics": ("scores_metrics", "scores"),
+    "event entry and buffer (rows' JSON included)": ("observe", "scores_metrics"),
     "all of observe": ("observe", None),
     "/v1 responses with scores": ("observe_v1", "observe"),
     "/v1 responses without monitoring": ("v1_off", None),
@@ -87,7 +85,6 @@ def stage_function(stage: str, inputs: str) -> Callable[[], object]:
     from service.batch_plan import RequestSpan
     from service.dataplane import MonitoredPrediction
     from service.event_log import EventLog
-    from service.events import encode_batch_entry
     from service.metrics import ServiceMetrics
     from service.model_repository import ModelRepository
     from service.monitoring import PredictionMonitor
@@ -105,6 +102,7 @@ def stage_function(stage: str, inputs: str) -> Callable[[], object]:
     # Never started: appended entries stay in its buffer, which each iteration empties.
     log = EventLog(capacity=1_000_000)
     monitor = PredictionMonitor(scorers, metrics, log)
+    unlogged = PredictionMonitor(scorers, metrics, None)
     # One-row requests as bench/serving.py sends them; `first` sends the same one every time.
     rows = np.concatenate(input_rows(inputs, 1))
     batch = np.resize(rows, (ROWS, rows.shape[1]))
@@ -118,46 +116,32 @@ def stage_function(stage: str, inputs: str) -> Callable[[], object]:
         log._buffered = 0
         return scored
 
-    def responses(scored: ScoredBatch | None) -> None:
-        for span in spans:
-            rows_slice = slice(span.start, span.stop)
-            request = MonitoredPrediction(
-                prediction.slice(span.start, span.stop), scored, rows_slice
+    def requests(scored: ScoredBatch | None) -> list[MonitoredPrediction]:
+        """Each request's share of the batch, as the data plane hands it to its handler."""
+        return [
+            MonitoredPrediction(
+                prediction.slice(span.start, span.stop), scored, slice(span.start, span.stop)
             )
+            for span in spans
+        ]
+
+    def v1_bodies(scored: ScoredBatch | None) -> None:
+        for request in requests(scored):
             encode_predict_response(model, request.prediction, request.scored, False)
 
-    def scores_entry() -> object:
-        scored, normalised = scorer.score(prediction, batch)
-        return encode_batch_entry(
-            model=model.name,
-            version=model.version,
-            spans=spans,
-            batch=batch,
-            prediction=prediction,
-            scored=scored,
-            embeddings=normalised,
-            timestamp=time.time(),
-            store_inputs=[True] * ROWS,
-        )
-
-    def observe_oip() -> None:
-        scored = observe()
-        for span in spans:
-            rows_slice = slice(span.start, span.stop)
-            request = MonitoredPrediction(
-                prediction.slice(span.start, span.stop), scored, rows_slice
-            )
+    def oip_scores() -> None:
+        for request in requests(observe()):
             request.scores_json_string()
 
     functions: dict[str, Callable[[], object]] = {
         "knn": lambda: scorer.novelty(embeddings),
         "scores": lambda: scorer.score(prediction, batch),
         "scores_rows": lambda: scorer.score(prediction, batch)[0].rows_json().array(),
-        "scores_entry": scores_entry,
+        "scores_metrics": lambda: unlogged.observe(model, batch, prediction, spans),
         "observe": observe,
-        "observe_v1": lambda: responses(observe()),
-        "v1_off": lambda: responses(None),
-        "observe_oip": observe_oip,
+        "observe_v1": lambda: v1_bodies(observe()),
+        "v1_off": lambda: v1_bodies(None),
+        "observe_oip": oip_scores,
     }
     return functions[stage]
 
