@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, sending a response's head and body in one write.
+"""uvicorn's httptools protocol, sending a response's head and body in one write, and answering
+the request of a connection made just before a graceful shutdown.
 
 uvicorn writes the status line and headers to the socket as soon as the application sends
 `http.response.start`, and the body in a second write when `http.response.body` follows: two
@@ -12,6 +13,8 @@ follows its head in the same step of its task (every response of this service bu
 exports) leaves in one write, at the moment its body is sent, as before. Nothing waits longer
 than the rest of a loop iteration, and at most one write is held, so a streamed response keeps
 uvicorn's back-pressure.
+
+`JoinedWritesHttpToolsProtocol.shutdown` says why a new connection outlives the shutdown's start.
 """
 
 from __future__ import annotations
@@ -109,9 +112,40 @@ class JoinedWritesTransport(asyncio.Transport):
 
 
 class JoinedWritesHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `JoinedWritesTransport`."""
+    """uvicorn's httptools protocol over a `JoinedWritesTransport`, which also answers the first
+    request of a connection that shutdown finds waiting for it (see `shutdown`)."""
+
+    _last_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the methods of asyncio.Transport without subclassing it.
         joined = JoinedWritesTransport(cast(asyncio.Transport, transport), self.loop)
         super().connection_made(joined)
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown of this connection.
+
+        uvicorn closes at once every connection without a request in progress. For a connection
+        whose first request has not been read yet, that loses a request the client has most
+        likely sent already: the kernel accepted the connection for the client before the
+        server stopped listening, and the client wrote as soon as it connected. (A worker
+        replaced on SIGHUP dropped a request this way in CI; a pod stopped by a rolling update
+        would too.) Such a connection gets the keep-alive timeout to send its request, which
+        is answered with `connection: close`; Go's net/http gives a new connection 5 s likewise.
+        A kept-alive connection between requests is closed at once, as before.
+        """
+        if self.cycle is not None:
+            super().shutdown()
+            return
+        self._last_request = True
+        self.loop.call_later(self.timeout_keep_alive, self._close_unless_requested)
+
+    def _close_unless_requested(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        # Called per request: the base class by name costs a third of what `super()` does.
+        HttpToolsProtocol.on_headers_complete(self)
+        if self._last_request and self.cycle is not None:
+            self.cycle.keep_alive = False

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,12 +32,19 @@ STREAM = "edgeharvest:{digits}:1:events"
 ENDPOINT = "/v1/models/{name}/predict"
 
 
+def command_line(pid: str) -> bytes:
+    """The process's command line; empty once it has exited (a replaced worker may exit
+    between the listing of the children and this read)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 def worker_pids(parent: int) -> list[int]:
     """The uvicorn workers: children of the parent started by multiprocessing's spawn."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return sorted(
-        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
+    return sorted(int(pid) for pid in children if b"spawn_main" in command_line(pid))
 
 
 def wait_for_workers(parent: int, count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
@@ -59,26 +67,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def send(url: str, rows: np.ndarray, requests: int, threads: int = 8) -> int:
+def send(url: str, rows: np.ndarray, requests: int, threads: int = 8) -> Counter[int | str]:
     """`requests` predictions of one instance each, from threads, each on a new connection so
-    the kernel hands connections to both workers; returns how many answered 200."""
-    answered = []
+    the kernel hands connections to both workers; counts the outcomes: status codes, and the
+    names of the errors of requests that got no response."""
+    outcomes: Counter[int | str] = Counter()
     lock = threading.Lock()
 
     def post(start: int) -> None:
         for i in range(start, requests, threads):
             row = rows[i % len(rows)].tolist()
-            response = httpx.post(url, json={"instances": [row]}, timeout=30)
-            if response.status_code == 200:
-                with lock:
-                    answered.append(i)
+            outcome: int | str
+            try:
+                outcome = httpx.post(url, json={"instances": [row]}, timeout=30).status_code
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            with lock:
+                outcomes[outcome] += 1
 
     pool = [threading.Thread(target=post, args=(t,)) for t in range(threads)]
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    return len(answered)
+    return outcomes
 
 
 def scraped(service: ServiceProcess, name: str, **labels: str) -> float:
@@ -110,8 +122,7 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
         workers = wait_for_workers(service.pid, 2)
         url = f"{service.url}/v1/models/digits/predict"
         before = {pid: cpu_seconds(pid) for pid in workers}
-        first = send(url, rows, 600)
-        assert first == 600
+        assert send(url, rows, 600) == {200: 600}
         used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
         # Both processes served: an idle worker uses next to no CPU (its gauge publisher wakes
         # once a second), one that answered even a tenth of the requests uses tens of ms.
@@ -141,8 +152,7 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
         os.kill(workers[0], signal.SIGKILL)
         replacement = wait_for_workers(service.pid, 1, exclude=frozenset(workers))
         assert replacement and workers[1] in worker_pids(service.pid)
-        second = send(url, rows, 200)
-        assert second == 200
+        assert send(url, rows, 200) == {200: 200}
         labels = {"endpoint": ENDPOINT, "status": "200"}
         wait_for(lambda: scraped(service, "edgeharvest_requests_total", **labels), 800, "requests")
         assert scraped(service, "edgeharvest_predictions_total") == 800
@@ -150,13 +160,13 @@ def test_two_workers_report_every_request_in_every_scrape(redis_url: str, tmp_pa
 
         # SIGHUP replaces every worker, one after another, while requests keep being answered.
         serving = [*replacement, workers[1]]
-        answered: list[int] = []
+        answered: list[Counter[int | str]] = []
         traffic = threading.Thread(target=lambda: answered.append(send(url, rows, 400, 2)))
         traffic.start()
         os.kill(service.pid, signal.SIGHUP)
         wait_for_workers(service.pid, 2, exclude=frozenset(serving))
         traffic.join()
-        assert answered == [400]
+        assert answered == [{200: 400}]
         wait_for(lambda: scraped(service, "edgeharvest_predictions_total"), 1200, "predictions")
     # Stopping the service removes its metric files; the operator's directory stays.
     assert metrics_parent.is_dir() and list(metrics_parent.iterdir()) == []
