@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint format bench bench-monitoring bench-instructions bench-parts bench-batching bench-processes models clean
+.PHONY: run test install lint format bench bench-monitoring bench-instructions bench-parts bench-batching bench-processes bench-restarts models clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -56,6 +56,10 @@ bench-batching: $(STAMP)
 # One API worker process against two (`serve --workers 2`) on the digits model.
 bench-processes: $(STAMP)
 	$(BIN)/python bench/processes.py
+
+# Requests lost while SIGHUP replaces two workers under traffic: the service against uvicorn's protocol.
+bench-restarts: $(STAMP)
+	$(BIN)/python bench/restarts.py
 
 # Rebuild the committed default model (reproducible: same bytes every time).
 models: $(STAMP)
