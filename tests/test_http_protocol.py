@@ -237,6 +237,13 @@ def streaming_server() -> Iterator[tuple[str, int]]:
         yield "127.0.0.1", port
 
 
+def read_to_end(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
 def test_a_streamed_response_arrives_whole(streaming_server: tuple[str, int]) -> None:
     host, port = streaming_server
     with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as client:
@@ -278,9 +285,7 @@ def test_pipelined_requests_are_answered_in_order(streaming_server: tuple[str, i
             + b"POST /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
             + b"content-length: 5\r\n\r\nthird"
         )
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+        received = read_to_end(connection)
     responses = received.split(b"HTTP/1.1 200 OK\r\n")[1:]
     assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses] == [b"first", b"second", b"third"]
 
@@ -297,27 +302,28 @@ def wait_until_refused(port: int) -> None:
     raise AssertionError(f"port {port} still accepts connections")
 
 
-def read_to_end(connection: socket.socket) -> bytes:
-    received = b""
-    while chunk := connection.recv(65536):
-        received += chunk
-    return received
-
-
-def test_a_request_on_a_connection_made_before_shutdown_is_answered() -> None:
-    with serving() as (server, thread, port):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as waiting:
-            # Answered on a later connection, so the server has accepted the waiting one: one
+@contextmanager
+def connection_open_at_shutdown(**options: Any) -> Iterator[socket.socket]:
+    """A connection to `serving(**options)` that the server has accepted and that has sent
+    nothing when the graceful shutdown begins; on leaving, the server must have stopped."""
+    with serving(**options) as (server, thread, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            # Answered on a later connection, so the server has accepted this one: one
             # process, one accept queue, first come first accepted.
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 assert client.get("/stream").status_code == 200
             server.should_exit = True
             wait_until_refused(port)
-            # What a client that connected just before the shutdown sends a moment later.
-            waiting.sendall(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
-            received = read_to_end(waiting)
+            yield connection
         thread.join(30)
         assert not thread.is_alive(), "the server did not finish shutting down"
+
+
+def test_a_request_on_a_connection_made_before_shutdown_is_answered() -> None:
+    with connection_open_at_shutdown() as waiting:
+        # What a client that connected just before the shutdown sends a moment later.
+        waiting.sendall(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        received = read_to_end(waiting)
     # uvicorn's own protocol closed this connection unanswered (received == b"").
     assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
     assert b"\r\nconnection: close\r\n" in received
@@ -325,13 +331,6 @@ def test_a_request_on_a_connection_made_before_shutdown_is_answered() -> None:
 
 
 def test_a_connection_that_sends_nothing_does_not_hold_shutdown_beyond_keep_alive() -> None:
-    with serving(timeout_keep_alive=1) as (server, thread, port):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-                assert client.get("/stream").status_code == 200
-            server.should_exit = True
-            wait_until_refused(port)
-            # Closed by the server, unanswered, once the keep-alive timeout has passed.
-            assert read_to_end(silent) == b""
-        thread.join(30)
-        assert not thread.is_alive(), "the server did not finish shutting down"
+    with connection_open_at_shutdown(timeout_keep_alive=1) as silent:
+        # Closed by the server, unanswered, once the keep-alive timeout has passed.
+        assert read_to_end(silent) == b""
