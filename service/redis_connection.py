@@ -15,9 +15,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
 import redis.cluster
+import redis.retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 SyncRedis = redis.Redis | redis.cluster.RedisCluster
 AsyncRedis = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -44,13 +45,13 @@ def _connection_kwargs(
     socket_timeout: float,
     socket_connect_timeout: float | None,
     health_check_interval: float,
-    retries: int,
+    retry: redis.retry.Retry | redis.asyncio.retry.Retry,
 ) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout or socket_timeout,
         "health_check_interval": health_check_interval,
-        "retry": Retry(NoBackoff(), retries),
+        "retry": retry,
     }
 
 
@@ -70,7 +71,10 @@ def create_redis(
     """
     url, url_cluster = split_cluster_flag(url)
     kwargs = _connection_kwargs(
-        socket_timeout, socket_connect_timeout, health_check_interval, retries
+        socket_timeout,
+        socket_connect_timeout,
+        health_check_interval,
+        redis.retry.Retry(NoBackoff(), retries),
     )
     if url_cluster if cluster is None else cluster:
         return redis.cluster.RedisCluster.from_url(url, max_connections=max_connections, **kwargs)
@@ -94,8 +98,12 @@ def create_async_redis(
 ) -> AsyncRedis:
     """An asyncio client; it connects on first use. `cluster=None` follows the URL."""
     url, url_cluster = split_cluster_flag(url)
+    # The asyncio client's own Retry: redis-py 6+ converts a synchronous one, with a warning.
     kwargs = _connection_kwargs(
-        socket_timeout, socket_connect_timeout, health_check_interval, retries
+        socket_timeout,
+        socket_connect_timeout,
+        health_check_interval,
+        redis.asyncio.retry.Retry(NoBackoff(), retries),
     )
     if url_cluster if cluster is None else cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(
