@@ -248,26 +248,24 @@ class ScoredBatch:
     def _row_objects(self) -> list[bytes]:
         """The rows' JSON objects without building a dict per row: every score of every row is
         serialised by one orjson call (as float64, the values `tolist()` gives, so the numbers
-        read exactly as orjson writes Python floats), cut per row and filled into a template
-        of the fixed keys."""
+        read exactly as orjson writes Python floats) and filled into a template of the fixed
+        keys."""
         scores, percentiles = self.scores, self.percentiles
         template = _row_template(tuple(scores), tuple(percentiles))
+        predicted = self.predicted.tolist()
+        n = len(predicted)
         columns = [*scores.values(), *percentiles.values()]
         if columns:
-            table = np.stack(columns, axis=1, dtype=np.float64)
-            # "[[a,b,...],[c,d,...]]": numbers and nulls only, so the cuts are unambiguous.
-            text = orjson.dumps(table, option=orjson.OPT_SERIALIZE_NUMPY)
-            numbers = [row.split(b",") for row in text[2:-2].split(b"],[")]
+            # Column after column, "[a,b,...]": numbers and nulls only, so the cuts are
+            # unambiguous, and row i's values are every n-th from i.
+            flat = np.concatenate(columns, dtype=np.float64)
+            numbers = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
         else:
-            numbers = [[] for _ in range(len(self.predicted))]
+            numbers = []
         return [
-            template % (predicted, *values, _JSON_BOOL[low], _JSON_BOOL[novel])
-            for predicted, values, low, novel in zip(
-                self.predicted.tolist(),
-                numbers,
-                self.low_confidence.tolist(),
-                self.novel.tolist(),
-                strict=True,
+            template % (value, *numbers[i::n], _JSON_BOOL[low], _JSON_BOOL[novel])
+            for i, (value, low, novel) in enumerate(
+                zip(predicted, self.low_confidence.tolist(), self.novel.tolist(), strict=True)
             )
         ]
 

@@ -114,7 +114,7 @@ def test_rows_json_as_a_json_string_is_what_serialising_the_decoded_array_gives(
         part = whole.slice(start, stop).rows_json()
         assert part.string() == orjson.dumps(part.array().decode())
     # Or any rows of it, from the batch's escaped rows.
-    for start, stop in ((1, 4), (4, 5)):
+    for start, stop in ((1, 4), (4, 5), (0, 1), (2, 3), (0, 5)):
         assert whole.rows_json().string(slice(start, stop)) == orjson.dumps(
             orjson.dumps(whole.rows()[start:stop]).decode()
         )
