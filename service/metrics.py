@@ -11,11 +11,13 @@ info is a gauge with the value 1 (the library's Info type has no multiprocess mo
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from service.batch_histogram import BatchHistogram
 from service.scores import ScoredBatch
@@ -47,6 +49,10 @@ MAX_CLASS_LABELS = 100
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._bound: dict[tuple[str, str], ModelMetrics] = {}
+        # First in the registry, so a scrape folds in the predictions observed since the last
+        # fold before it reads any series (see ModelMetrics.observe_batch).
+        registry.register(_BeforeCollect(self.fold_observed))
         # What /metrics exposes, and where scrape-time collectors go: `registry` itself, or in
         # multiprocess mode a registry that merges every worker process's files.
         self.scrape_registry = scrape_registry(registry)
@@ -79,7 +85,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = BatchHistogram(
             "edgeharvest_batch_size",
             "Instances per inference call.",
             model,
@@ -179,7 +185,6 @@ class ServiceMetrics:
         )
         for reason in ("buffer_full", "shutdown", "invalid"):
             self.events_dropped.labels(reason)
-        self._bound: dict[tuple[str, str], ModelMetrics] = {}
         self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
         self._event_buffer_depth: Callable[[], int] | None = None
 
@@ -194,7 +199,12 @@ class ServiceMetrics:
     ) -> None:
         self.model_info.labels(name, version, sha256, platform).set(1)
         self.reference_loaded.labels(name, version).set(1 if has_reference else 0)
-        self._bound[(name, version)] = ModelMetrics(self, name, version, class_names)
+        replaced = self._bound.get((name, version))
+        if replaced is not None:
+            replaced.fold_observed()
+        self._bound[(name, version)] = ModelMetrics(
+            self, name, version, class_names, defer=self.shared_directory is None
+        )
 
     def record_request(
         self, model: str, version: str, endpoint: str, status: int, seconds: float
@@ -216,6 +226,11 @@ class ServiceMetrics:
         the files keep every series a process has written)."""
         self.model_info.labels(name, version, sha256, platform).set(0)
         self.model_info.remove(name, version, sha256, platform)
+
+    def fold_observed(self) -> None:
+        """Count every prediction observed so far into the series."""
+        for model in list(self._bound.values()):
+            model.fold_observed()
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
         """The series of one model version, bound once: `labels()` costs a few us per call."""
@@ -251,11 +266,38 @@ class ServiceMetrics:
         self.redis_write_duration.observe(seconds)
 
 
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+class _BeforeCollect(Collector):
+    """Runs a function whenever the registry is collected; exposes nothing itself."""
+
+    def __init__(self, before: Callable[[], None]) -> None:
+        self._before = before
+
+    def collect(self) -> Iterator[Metric]:
+        self._before()
+        return iter(())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class ModelMetrics:
     """The per-model-version children of the service's metrics, bound at start-up."""
 
+    # Scored batches wait until they hold this many predictions, then are counted at once.
+    FOLD_PREDICTIONS = 512
+
     def __init__(
-        self, metrics: ServiceMetrics, name: str, version: str, class_names: list[str]
+        self,
+        metrics: ServiceMetrics,
+        name: str,
+        version: str,
+        class_names: list[str],
+        *,
+        defer: bool = True,
     ) -> None:
         labels = (name, version)
         self.inference_duration = metrics.inference_duration.labels(*labels)
@@ -273,19 +315,59 @@ class ModelMetrics:
             *(["other"] if len(class_names) > MAX_CLASS_LABELS else []),
         ]
         self._per_class = [metrics.predictions.labels(*labels, n) for n in names]
+        self._defer = defer
+        self._observed: list[ScoredBatch] = []
+        self._observed_predictions = 0
+        self._observed_lock = threading.Lock()
 
     def observe_batch(self, scored: ScoredBatch) -> None:
-        self.batch_size.observe(len(scored.predicted))
-        # Counted in Python: for the few rows of a batch, Counter over the list costs less
-        # than np.minimum and np.bincount on the array.
-        for index, count in collections.Counter(scored.predicted.tolist()).items():
-            self._per_class[min(index, MAX_CLASS_LABELS)].inc(count)
-        self.confidence.observe_many(scored.scores["max_probability"])
-        novelty = scored.percentiles.get("novelty")
-        if novelty is not None:
-            self.novelty_percentile.observe_many(novelty)
-        low = int(np.count_nonzero(scored.low_confidence))
-        novel = int(np.count_nonzero(scored.novel))
+        """Count a scored batch in the prediction series (batch size, per class, confidence,
+        novelty percentile, flags).
+
+        On the request path this keeps the batch, and the batches kept are counted together
+        once they hold FOLD_PREDICTIONS predictions, or when the registry is collected
+        (`_BeforeCollect`): one pass of a dozen array operations over hundreds of predictions
+        instead of one per batch, and a scrape still sees every prediction made before it.
+        With several worker processes (multiprocess mode) a scrape reads the other processes'
+        files and cannot fold what they keep, so each batch is counted at once.
+        """
+        if not self._defer:
+            self._count([scored])
+            return
+        with self._observed_lock:
+            self._observed.append(scored)
+            self._observed_predictions += len(scored)
+            if self._observed_predictions < self.FOLD_PREDICTIONS:
+                return
+            batches = self._take_observed()
+        self._count(batches)
+
+    def fold_observed(self) -> None:
+        """Count the batches kept so far."""
+        with self._observed_lock:
+            batches = self._take_observed()
+        if batches:
+            self._count(batches)
+
+    def _take_observed(self) -> list[ScoredBatch]:
+        """The batches kept so far, no longer kept; the caller holds the lock."""
+        batches, self._observed = self._observed, []
+        self._observed_predictions = 0
+        return batches
+
+    def _count(self, batches: list[ScoredBatch]) -> None:
+        sizes = np.array([len(b) for b in batches], dtype=np.float64)
+        self.batch_size.observe_many(sizes)
+        predicted = _joined([b.predicted for b in batches])
+        classes = np.bincount(np.minimum(predicted, MAX_CLASS_LABELS), minlength=1)
+        for index in np.flatnonzero(classes).tolist():
+            self._per_class[index].inc(int(classes[index]))
+        self.confidence.observe_many(_joined([b.scores["max_probability"] for b in batches]))
+        novelty = [b.percentiles["novelty"] for b in batches if "novelty" in b.percentiles]
+        if novelty:
+            self.novelty_percentile.observe_many(_joined(novelty))
+        low = int(np.count_nonzero(_joined([b.low_confidence for b in batches])))
+        novel = int(np.count_nonzero(_joined([b.novel for b in batches])))
         if low:
             self.low_confidence.inc(low)
         if novel:
