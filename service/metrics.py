@@ -337,23 +337,21 @@ class ModelMetrics:
         with self._observed_lock:
             self._observed.append(scored)
             self._observed_predictions += len(scored)
-            if self._observed_predictions < self.FOLD_PREDICTIONS:
-                return
-            batches = self._take_observed()
-        self._count(batches)
+            if self._observed_predictions >= self.FOLD_PREDICTIONS:
+                self._count_observed()
 
     def fold_observed(self) -> None:
         """Count the batches kept so far."""
         with self._observed_lock:
-            batches = self._take_observed()
-        if batches:
-            self._count(batches)
+            self._count_observed()
 
-    def _take_observed(self) -> list[ScoredBatch]:
-        """The batches kept so far, no longer kept; the caller holds the lock."""
-        batches, self._observed = self._observed, []
-        self._observed_predictions = 0
-        return batches
+    def _count_observed(self) -> None:
+        """Count the kept batches and keep none. The caller holds the lock, so a scrape never
+        runs while kept batches are out of the list but not yet in the series."""
+        if self._observed:
+            self._count(self._observed)
+            self._observed = []
+            self._observed_predictions = 0
 
     def _count(self, batches: list[ScoredBatch]) -> None:
         sizes = np.array([len(b) for b in batches], dtype=np.float64)
