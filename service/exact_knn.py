@@ -64,24 +64,30 @@ def principal_basis(rows: FloatArray) -> FloatArray | None:
 class ExactKthDistance:
     """k-th nearest-neighbour Euclidean distance to a fixed reference, batch-invariant."""
 
-    def __init__(self, reference: npt.ArrayLike) -> None:
+    def __init__(self, reference: npt.ArrayLike, *, unit_queries: bool = False) -> None:
+        """`unit_queries`: every query will be L2-normalised (length 1 up to rounding, or 0),
+        so the rounding tolerance need not measure the queries' lengths."""
         rows = np.array(reference, dtype=np.float32, copy=True)
         if rows.ndim != 2 or len(rows) == 0:
             raise ValueError(f"reference must be a non-empty 2-D array, got shape {rows.shape}")
         self._reference = rows
         self._basis = principal_basis(rows)
         projected = rows if self._basis is None else rows @ self._basis
-        # -2 r' per projected reference, transposed, and |r'|^2: q' times the first, plus the
-        # second, is |r'|^2 - 2 q'.r', the projected squared distance less |q'|^2 (the same
-        # for every reference of a query).
-        self._cross = np.ascontiguousarray(-2.0 * projected.T)
-        self._projected_norms = np.einsum("ij,ij->i", projected, projected)
+        # -2 r' per projected reference, transposed, with |r'|^2 as one more row: a projected
+        # query with a 1 appended, times this, is |r'|^2 - 2 q'.r', the projected squared
+        # distance less |q'|^2 (the same for every reference of a query), in one product.
+        norms = np.einsum("ij,ij->i", projected, projected)
+        self._cross = np.ascontiguousarray(np.vstack([-2.0 * projected.T, norms[None, :]]))
+        # The appended 1s, for blocks of up to this many queries.
+        self._ones = np.ones((max(1, _BLOCK_ELEMENTS // len(rows)), 1), dtype=np.float32)
         # The rounding bound of one approximate squared distance, with room to spare: float32
         # dot products of dimension d + 1 err by at most about (d + 1) * eps * (2 |q| |r| +
         # |r|^2), and projecting the query adds about as much again. A wider bound only adds
         # candidates, which cannot change the result.
         scale = max(1.0, float(np.einsum("ij,ij->i", rows, rows).max()))
         self._tolerance_per_query_norm = 16.0 * (rows.shape[1] + 1) * _EPS * scale
+        # A unit query's squared length is 1 to within a few eps, which the 16x spare covers.
+        self._unit_tolerance = self._tolerance_per_query_norm if unit_queries else None
 
     @property
     def size(self) -> int:
@@ -131,14 +137,15 @@ class ExactKthDistance:
     def _kth(self, queries: FloatArray, k: int) -> FloatArray:
         # On the request path this runs once per inference batch, with cold caches: its cost
         # is mostly the number of numpy calls, which the k = 1 case keeps to about fifteen.
+        n = len(queries)
         projected = queries if self._basis is None else queries @ self._basis
         # Lower bounds of the squared distances, less |q'|^2 per row.
-        ranks: FloatArray = projected @ self._cross
-        ranks += self._projected_norms
-        n = len(queries)
+        ranks: FloatArray = np.concatenate((projected, self._ones[:n]), axis=1) @ self._cross
         # One tolerance for the block, from its largest query; a wider one only adds candidates.
-        largest_norm = float(np.einsum("ij,ij->i", queries, queries).max())
-        tolerance = self._tolerance_per_query_norm * max(largest_norm, 1.0)
+        tolerance = self._unit_tolerance
+        if tolerance is None:
+            largest_norm = float(np.einsum("ij,ij->i", queries, queries).max())
+            tolerance = self._tolerance_per_query_norm * max(largest_norm, 1.0)
         # A reference is a candidate when ranks + |q'|^2 <= upper + tolerance.
         slack = tolerance - np.einsum("ij,ij->i", projected, projected)
         if k == 1:
@@ -147,17 +154,21 @@ class ExactKthDistance:
             differences = self._reference[nearest] - queries
             upper: FloatArray = np.einsum("ij,ij->i", differences, differences)
             candidates = ranks <= (upper + slack)[:, None]
-            if np.count_nonzero(candidates) == n:
-                # The common case: each query's one candidate is the one already measured.
-                result: FloatArray = np.sqrt(upper)
-                return result
-            chosen = nearest[:, None]
-        else:
-            # The largest true distance of k references with small lower bounds.
-            chosen = _k_low_columns(ranks, k)
-            pairs = self._squared(queries, np.repeat(np.arange(n), k), chosen.ravel())
-            upper = pairs.reshape(n, k).max(axis=1)
-            candidates = ranks <= (upper + slack)[:, None]
+            # Each query's measured nearest is among its candidates (the tolerance bounds the
+            # rounding of its lower bound), so a count above n means other candidates.
+            if np.count_nonzero(candidates) > n:
+                # The smallest of their true distances and the one already measured.
+                # (np.nonzero of the mask gives the pairs in one call, at ten times the cost.)
+                query_of, reference_of = np.divmod(np.flatnonzero(candidates), self.size)
+                np.minimum.at(upper, query_of, self._squared(queries, query_of, reference_of))
+            # Else the common case: each query's one candidate is the one already measured.
+            result: FloatArray = np.sqrt(upper)
+            return result
+        # The largest true distance of k references with small lower bounds.
+        chosen = _k_low_columns(ranks, k)
+        pairs = self._squared(queries, np.repeat(np.arange(n), k), chosen.ravel())
+        upper = pairs.reshape(n, k).max(axis=1)
+        candidates = ranks <= (upper + slack)[:, None]
         # The measured references are candidates whatever the rounding, so every query keeps
         # at least k.
         candidates[np.repeat(np.arange(n), k), chosen.ravel()] = True
@@ -165,14 +176,10 @@ class ExactKthDistance:
         query_of, reference_of = np.divmod(np.flatnonzero(candidates), self.size)
         squared = self._squared(queries, query_of, reference_of)
         starts = np.searchsorted(query_of, np.arange(n))
-        if k == 1:
-            kth_squared = np.minimum.reduceat(squared, starts)
-        else:
-            # Sorted by query, then by distance: the k-th of each query's group.
-            order = np.lexsort((squared, query_of))
-            kth_squared = squared[order][starts + k - 1]
-        result = np.sqrt(kth_squared)
-        return result
+        # Sorted by query, then by distance: the k-th of each query's group.
+        order = np.lexsort((squared, query_of))
+        kth: FloatArray = np.sqrt(squared[order][starts + k - 1])
+        return kth
 
 
 def _k_low_columns(values: FloatArray, k: int) -> IntArray:

@@ -11,10 +11,10 @@ from service.reference_profile import ReferenceProfile
 from service.scores import (
     NOVELTY_SCORE,
     FlagThresholds,
+    PercentileLookup,
     ScoredBatch,
     confidence_scores,
     flag,
-    percentile_in,
 )
 
 STANDARDISED_INPUT = "standardised_input"
@@ -45,7 +45,15 @@ class PredictionScorer:
         # Exact search goes through the batch-invariant form, so a request's novelty does not
         # depend on what else the batcher gathered with it (see exact_knn.py). An approximate
         # index already computes its distances pair by pair.
-        self._exact = ExactKthDistance(profile.embeddings) if index.kind == "exact" else None
+        # Its queries are the normalised embeddings of `embed`.
+        self._exact = (
+            ExactKthDistance(profile.embeddings, unit_queries=True)
+            if index.kind == "exact"
+            else None
+        )
+        self._percentiles = {
+            name: PercentileLookup(values) for name, values in profile.score_distributions.items()
+        }
 
     def novelty(self, embeddings: np.ndarray) -> np.ndarray:
         """Distance of each normalised embedding to its k-th nearest reference embedding."""
@@ -62,11 +70,9 @@ class PredictionScorer:
         embeddings = self.embed(prediction, batch)
         scores = confidence_scores(prediction.probabilities, prediction.logits)
         scores[NOVELTY_SCORE] = self.novelty(embeddings)
-        distributions = self.profile.score_distributions
+        lookups = self._percentiles
         percentiles = {
-            name: percentile_in(values, distributions[name])
-            for name, values in scores.items()
-            if name in distributions
+            name: lookups[name](values) for name, values in scores.items() if name in lookups
         }
         low, novel = flag(percentiles, self.thresholds, len(batch))
         predicted = prediction.probabilities.argmax(axis=1)

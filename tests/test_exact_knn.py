@@ -24,8 +24,21 @@ def assert_exact_in_any_batch(
     reference: np.ndarray, queries: np.ndarray, k: int, sizes: tuple[int, ...]
 ) -> None:
     """The same distances for the whole batch, each row alone and batches of `sizes`, and
-    equal to the direct computation."""
-    search = ExactKthDistance(reference)
+    equal to the direct computation; with the queries' lengths measured, and taken as 1 (every
+    query here is L2-normalised)."""
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, rtol=1e-6)
+    for unit_queries in (False, True):
+        search = ExactKthDistance(reference, unit_queries=unit_queries)
+        assert_exact_for(search, reference, queries, k, sizes)
+
+
+def assert_exact_for(
+    search: ExactKthDistance,
+    reference: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    sizes: tuple[int, ...],
+) -> None:
     whole = search.kth_distance(queries, k)
     np.testing.assert_array_equal(whole, direct_kth(queries, reference, k))
     alone = np.concatenate(

@@ -9,6 +9,7 @@ import pytest
 
 from service.scores import (
     FlagThresholds,
+    PercentileLookup,
     confidence_scores,
     energy,
     entropy,
@@ -81,6 +82,58 @@ def test_percentile_of_a_constant_reference_is_50_at_the_constant() -> None:
 
 def test_percentile_without_reference_is_nan() -> None:
     assert np.isnan(percentile_in(np.array([1.0]), np.array([]))).all()
+
+
+def test_percentile_lookup_uses_mid_rank_with_one_search() -> None:
+    lookup = PercentileLookup(np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32))
+    values = np.array([0.0, 1.0, 2.5, 4.0, 9.0], dtype=np.float32)
+    assert lookup(values).tolist() == [0.0, 12.5, 50.0, 87.5, 100.0]
+    constant = PercentileLookup(np.ones(10, dtype=np.float32))
+    assert constant(np.array([1.0, 0.5, 2.0], dtype=np.float32)).tolist() == [50.0, 0.0, 100.0]
+    assert np.isnan(PercentileLookup(np.array([], dtype=np.float32))(values)).all()
+
+
+def adjacent_floats(points: np.ndarray) -> np.ndarray:
+    """Every point, and the floats just below and just above it."""
+    with np.errstate(over="ignore"):
+        return np.concatenate(
+            [points, np.nextafter(points, -np.inf), np.nextafter(points, np.inf)]
+        ).astype(points.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentile_lookup_equals_two_searches_at_every_tie_and_edge(dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    # Ties, signed zeros, subnormals and the largest floats, and a spread of random points.
+    finfo = np.finfo(dtype)
+    special = np.array(
+        [0.0, -0.0, 1.0, 1.0, 1.0, finfo.smallest_subnormal, -finfo.max, finfo.max], dtype=dtype
+    )
+    reference = np.sort(np.concatenate([special, rng.normal(size=200).astype(dtype)]))
+    lookup = PercentileLookup(reference)
+    values = np.concatenate(
+        [
+            adjacent_floats(reference),
+            np.array([np.nan, np.inf, -np.inf, -0.0], dtype=dtype),
+            rng.normal(size=500).astype(dtype),
+        ]
+    )
+    np.testing.assert_array_equal(lookup(values), percentile_in(values, reference))
+
+
+def test_percentile_lookup_falls_back_for_other_types_and_non_finite_references() -> None:
+    reference = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    # A float64 value between a float32 point and the next float32 must rank above the point.
+    between = np.array([np.float64(np.float32(0.2)) + 1e-12], dtype=np.float64)
+    assert (
+        PercentileLookup(reference)(between).tolist() == percentile_in(between, reference).tolist()
+    )
+    assert PercentileLookup(reference)(between).tolist() == [np.float32(200 / 3)]
+    with_inf = np.array([0.1, 0.2, np.inf], dtype=np.float32)
+    values = np.array([np.inf, 0.2, 5.0], dtype=np.float32)
+    np.testing.assert_array_equal(
+        PercentileLookup(with_inf)(values), percentile_in(values, with_inf)
+    )
 
 
 def test_flags_at_default_thresholds() -> None:
