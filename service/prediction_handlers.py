@@ -68,6 +68,6 @@ async def handle_infer(
             tensors = {**tensors, **result.scored.tensors()}
         # Parameter values must be scalars in the protocol: the per-instance scores travel as
         # one JSON string, and as typed tensors for clients that ask for them by name. The
-        # string is the batch's serialised rows, escaped once per batch.
+        # string is this request's serialised rows, escaped by one orjson.dumps.
         parameters = {"scores": orjson.Fragment(scores)}
     return encode_infer_response(model, parsed, tensors, parameters)
