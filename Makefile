@@ -41,9 +41,11 @@ bench: $(STAMP)
 bench-monitoring: $(STAMP)
 	$(BIN)/python bench/side_by_side.py --compare monitoring
 
-# Monitoring on against off in instructions per request, counted by callgrind (needs valgrind).
+# Monitoring on against off in instructions per request, counted by callgrind (needs valgrind),
+# with the first digit every time and with 64 held-out digits in turn.
 bench-instructions: $(STAMP)
 	$(BIN)/python bench/monitoring_instructions.py
+	$(BIN)/python bench/monitoring_instructions.py --inputs held-out
 
 # What each part of monitoring costs per row in a warm loop, counted by callgrind (needs valgrind).
 bench-parts: $(STAMP)

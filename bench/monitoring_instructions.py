@@ -1,6 +1,6 @@
 """What monitoring costs, in instructions: a figure this machine's noise cannot move.
 
-    .venv/bin/python bench/monitoring_instructions.py [--requests 3200]
+    .venv/bin/python bench/monitoring_instructions.py [--requests 3200] [--inputs first|held-out]
         [--output bench/results/monitoring_instructions.json]
 
 Needs valgrind (Debian: apt-get install -y valgrind).
@@ -15,7 +15,10 @@ few tenths of a percent.
 For each endpoint (`/v1` predict and OIP infer), monitoring on and off, a child process builds
 the app with `create_app` (the committed digits model, a real Redis), warms it up, and then
 serves `--requests` requests from 16 concurrent in-process clients: ASGI calls straight into
-the app, so the batcher gathers them as it does under wrk. Instructions of the main thread are
+the app, so the batcher gathers them as it does under wrk. The bodies are those of
+`bench/serving.py --inputs`: `first` (the default) sends the first digit every time, the novelty
+search's cheapest case; `held-out` sends 64 bodies of digits the reference profile holds out, in
+turn, as fresh production inputs would come. Instructions of the main thread are
 counted only during those requests. Not counted: uvicorn's HTTP parsing (the same for on and
 off, so the real on/off ratio is lower than the one here) and the kernel's work.
 
@@ -40,8 +43,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 # Run as a script from anywhere: bench.serving is imported from the repository root.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -49,12 +50,13 @@ if str(REPO) not in sys.path:
 
 from bench.serving import (  # noqa: E402
     REPO_ROOT,
+    input_rows,
     machine_info,
     request_bodies,
     standalone_redis,
 )
 
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_instructions.json"
+RESULTS = REPO_ROOT / "bench" / "results"
 MODEL_DIR = REPO_ROOT / "models"
 CLIENTS = 16
 ENDPOINTS = {
@@ -63,16 +65,15 @@ ENDPOINTS = {
 }
 
 
-def request_body(path: str) -> bytes:
-    """The body `bench/serving.py` sends to `path`: the first digit, one instance."""
-    from sklearn.datasets import load_digits
-
-    predict_body, infer_body = request_bodies(load_digits().data[:1].astype(np.float32))
-    return predict_body if path.startswith("/v1/") else infer_body
+def request_bodies_for(path: str, inputs: str) -> list[bytes]:
+    """The bodies `bench/serving.py --inputs <inputs>` sends to `path`, one instance each."""
+    bodies = [request_bodies(rows) for rows in input_rows(inputs, 1)]
+    return [predict if path.startswith("/v1/") else infer for predict, infer in bodies]
 
 
-async def serve_requests(app: Any, path: str, body: bytes, count: int) -> None:
-    """`count` POSTs to `path`, from CLIENTS concurrent clients, each answered 200."""
+async def serve_requests(app: Any, path: str, bodies: list[bytes], count: int) -> None:
+    """`count` POSTs to `path`, the `bodies` in turn, from CLIENTS concurrent clients, each
+    answered 200."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -83,15 +84,30 @@ async def serve_requests(app: Any, path: str, body: bytes, count: int) -> None:
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
     }
 
+    # Each body with its scope, built once: the harness's own instructions are counted too.
+    prepared = [
+        (
+            body,
+            {
+                **scope,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            },
+        )
+        for body in bodies
+    ]
+    turn = 0
+
     async def one() -> None:
+        nonlocal turn
+        body, body_scope = prepared[turn % len(prepared)]
+        turn += 1
         messages = [{"type": "http.request", "body": body, "more_body": False}]
         statuses = []
 
@@ -105,7 +121,7 @@ async def serve_requests(app: Any, path: str, body: bytes, count: int) -> None:
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 
-        await app(dict(scope), receive, send)
+        await app(dict(body_scope), receive, send)
         if statuses != [200]:
             raise RuntimeError(f"POST {path} answered {statuses}")
 
@@ -117,7 +133,9 @@ async def serve_requests(app: Any, path: str, body: bytes, count: int) -> None:
     await asyncio.gather(*(client(share + (i < extra)) for i in range(CLIENTS)))
 
 
-async def child(path: str, monitoring: bool, requests: int, redis_url: str, go: Path) -> None:
+async def child(
+    path: str, monitoring: bool, inputs: str, requests: int, redis_url: str, go: Path
+) -> None:
     """The measured process: prints READY, waits for `go`, serves, prints DONE, waits for the
     `.end` file (the parent has dumped the counts by then)."""
     from prometheus_client import CollectorRegistry
@@ -135,13 +153,13 @@ async def child(path: str, monitoring: bool, requests: int, redis_url: str, go: 
             event_flush_interval=60.0,
         )
         app = create_app(settings, registry=CollectorRegistry())
-        body = request_body(path)
+        bodies = request_bodies_for(path, inputs)
         async with app.router.lifespan_context(app):
-            await serve_requests(app, path, body, 2 * requests // 3)
+            await serve_requests(app, path, bodies, 2 * requests // 3)
             print("READY", flush=True)
             while not go.exists():
                 await asyncio.sleep(0.05)
-            await serve_requests(app, path, body, requests)
+            await serve_requests(app, path, bodies, requests)
             print("DONE", flush=True)
             end = go.with_suffix(".end")
             while not end.exists():
@@ -156,7 +174,13 @@ def wait_for_line(log: Path, line: str, process: subprocess.Popen[bytes]) -> Non
 
 
 def count_instructions(
-    name: str, path: str, monitoring: bool, requests: int, redis_url: str, workdir: Path
+    name: str,
+    path: str,
+    monitoring: bool,
+    inputs: str,
+    requests: int,
+    redis_url: str,
+    workdir: Path,
 ) -> int:
     """Instructions of the main thread while the child served `requests` requests."""
     slug = f"{'v1' if path.startswith('/v1/') else 'oip'}-{'on' if monitoring else 'off'}"
@@ -174,6 +198,8 @@ def count_instructions(
         "--child",
         path,
         "on" if monitoring else "off",
+        "--inputs",
+        inputs,
         "--requests",
         str(requests),
         "--redis-url",
@@ -207,11 +233,24 @@ def count_instructions(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3200, help="measured requests each")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--inputs",
+        choices=("first", "held-out"),
+        default="first",
+        help="first: the first digit every time; held-out: 64 held-out digits in turn",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON results file (default bench/results/monitoring_instructions[-held-out].json)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("PATH", "MONITORING"), help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--go", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.output is None:
+        suffix = "" if args.inputs == "first" else f"-{args.inputs}"
+        args.output = RESULTS / f"monitoring_instructions{suffix}.json"
     if args.requests < CLIENTS:
         parser.error(f"--requests must be at least {CLIENTS}")
     return args
@@ -221,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         path, monitoring = args.child
-        asyncio.run(child(path, monitoring == "on", args.requests, args.redis_url, args.go))
+        asyncio.run(
+            child(path, monitoring == "on", args.inputs, args.requests, args.redis_url, args.go)
+        )
         return 0
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
@@ -229,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"instructions per request, {args.requests} requests from {CLIENTS} clients each, "
-        "under callgrind (two processes at a time)",
+        f"--inputs {args.inputs}, under callgrind (two processes at a time)",
         flush=True,
     )
     results: dict[str, dict[str, float]] = {}
@@ -237,7 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         with standalone_redis(workdir, None) as redis_url:
             jobs = {
-                (name, monitoring): (name, path, monitoring, args.requests, redis_url, workdir)
+                (name, monitoring): (
+                    name,
+                    path,
+                    monitoring,
+                    args.inputs,
+                    args.requests,
+                    redis_url,
+                    workdir,
+                )
                 for name, path in ENDPOINTS.items()
                 for monitoring in (True, False)
             }
@@ -260,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "parameters": {"requests": args.requests, "clients": CLIENTS},
+        "parameters": {"requests": args.requests, "clients": CLIENTS, "inputs": args.inputs},
         "python": sys.version.split()[0],
         "endpoints": results,
     }
