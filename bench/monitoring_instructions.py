@@ -49,15 +49,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.serving import (  # noqa: E402
+    INPUT_CHOICES,
+    MODEL_DIR,
     REPO_ROOT,
     input_rows,
     machine_info,
     request_bodies,
+    results_file,
     standalone_redis,
 )
 
-RESULTS = REPO_ROOT / "bench" / "results"
-MODEL_DIR = REPO_ROOT / "models"
 CLIENTS = 16
 ENDPOINTS = {
     "/v1 predict": "/v1/models/digits/predict",
@@ -235,7 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=3200, help="measured requests each")
     parser.add_argument(
         "--inputs",
-        choices=("first", "held-out"),
+        choices=INPUT_CHOICES,
         default="first",
         help="first: the first digit every time; held-out: 64 held-out digits in turn",
     )
@@ -248,9 +249,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--go", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.output is None:
-        suffix = "" if args.inputs == "first" else f"-{args.inputs}"
-        args.output = RESULTS / f"monitoring_instructions{suffix}.json"
+    args.output = args.output or results_file("monitoring_instructions", args.inputs)
     if args.requests < CLIENTS:
         parser.error(f"--requests must be at least {CLIENTS}")
     return args

@@ -44,9 +44,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.serving import MODEL_DIR, REPO_ROOT, input_rows, machine_info  # noqa: E402
+from bench.serving import (  # noqa: E402
+    INPUT_CHOICES,
+    MODEL_DIR,
+    REPO_ROOT,
+    input_rows,
+    machine_info,
+    results_file,
+)
 
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "monitoring_parts.json"
 ROWS = 16
 ITERATIONS = (10, 60)
 WARM_UP = 50
@@ -199,7 +205,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--inputs",
-        choices=("first", "held-out"),
+        choices=INPUT_CHOICES,
         default="first",
         help="the batch's rows: 16 copies of the first digit (as bench/serving.py sends), "
         "or 16 held-out digits (fresh inputs: several kNN candidates per row)",
@@ -218,10 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("error: valgrind not found; apt-get install -y valgrind", flush=True)
         return 2
-    output = args.output
-    if output is None:
-        suffix = "" if args.inputs == "first" else f"-{args.inputs}"
-        output = DEFAULT_OUTPUT.with_name(f"monitoring_parts{suffix}.json")
+    output = args.output or results_file("monitoring_parts", args.inputs)
     print(
         f"instructions per row, batch of {ROWS} one-row requests ({args.inputs} inputs), "
         f"warm loop under callgrind, {len(STAGES)} stages two at a time",

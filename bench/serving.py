@@ -69,7 +69,8 @@ from sklearn.datasets import load_digits
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models"
 MODEL_FILE = MODEL_DIR / "digits" / "model.onnx"
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "serving.json"
+RESULTS = REPO_ROOT / "bench" / "results"
+DEFAULT_OUTPUT = RESULTS / "serving.json"
 WARM_UP_SECONDS = 2
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -109,6 +110,14 @@ end
 """
 # `--inputs held-out` sends this many different requests in turn.
 HELD_OUT_REQUESTS = 64
+# What `--inputs` can send (see `input_rows`).
+INPUT_CHOICES = ("first", "held-out")
+
+
+def results_file(stem: str, inputs: str) -> Path:
+    """`bench/results/<stem>.json` for the first digits, `<stem>-<inputs>.json` otherwise."""
+    suffix = "" if inputs == "first" else f"-{inputs}"
+    return RESULTS / f"{stem}{suffix}.json"
 
 
 @dataclass(frozen=True)
@@ -803,7 +812,7 @@ def add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
     parser.add_argument(
         "--inputs",
-        choices=("first", "held-out"),
+        choices=INPUT_CHOICES,
         default="first",
         help="first: one body of the first digits (in the reference profile); held-out: "
         f"{HELD_OUT_REQUESTS} bodies of digits the profile holds out, sent in turn",
