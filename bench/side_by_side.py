@@ -3,7 +3,7 @@ against the plain baseline, or its HTTP protocol against uvicorn's own.
 
     .venv/bin/python bench/side_by_side.py [--compare monitoring|baseline|protocol]
         [--bursts 10] [--seconds 3] [--batch 1] [--inputs first|held-out]
-        [--output bench/results/side_by_side_<compare>.json]
+        [--output bench/results/side_by_side_<compare>[-held-out].json]
 
 `bench/serving.py` starts every contender afresh for each 6-10 s run, so the runs it compares are
 tens of seconds apart. On a shared virtual machine whose CPUs change speed by up to 2x within a
@@ -42,7 +42,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
-    REPO_ROOT,
     WARM_UP_SECONDS,
     Contender,
     LoadSettings,
@@ -55,13 +54,13 @@ from bench.serving import (  # noqa: E402 (needs the sys.path entry above)
     expected_classes,
     machine_info,
     requested_rows,
+    results_file,
     run_wrk,
     running,
     standalone_redis,
     tree_cpu_seconds,
 )
 
-RESULTS = REPO_ROOT / "bench" / "results"
 BASELINE = "baseline (plain FastAPI, pydantic body)"
 V1, OIP = "edgeharvest /v1 predict", "edgeharvest OIP infer (JSON)"
 UVICORN_PROTOCOL = ", uvicorn's protocol"
@@ -140,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.bursts < 1 or args.seconds < 1:
         parser.error("--bursts and --seconds must be at least 1")
-    args.output = args.output or RESULTS / f"side_by_side_{args.compare}.json"
+    args.output = args.output or results_file(f"side_by_side_{args.compare}", args.inputs)
     return args
 
 
